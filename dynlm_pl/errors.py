@@ -1,0 +1,16 @@
+"""One exception type for every user-facing failure.
+
+Entry points catch `DynlmError` and print its message as one line on stderr with a non-zero exit;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DynlmError(RuntimeError):
+    """A problem the user can fix: the message says what was wrong and what to do."""
+
+
+def require(cond: bool, message: str) -> None:
+    if not cond:
+        raise DynlmError(message)

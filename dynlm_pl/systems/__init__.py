@@ -1,0 +1,1 @@
+"""LightningModules, one per stage: LM pretraining, the Fisher pass, meta-training."""

@@ -1,0 +1,192 @@
+"""Stage `lm`: pretraining the AWD-LSTM (θ*, the long-term memory's mean)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel
+from torchmetrics import MeanMetric
+
+from dynlm_pl.common import atomic_copy, make_datamodule, make_trainer, model_kwargs, run_dir
+from dynlm_pl.errors import DynlmError, require
+from dynlm_pl.models.awd_lstm import AWDLSTM, Hidden, detach_hidden, lm_loss
+
+
+class LMPretrainModule(L.LightningModule):
+    """Token-weighted cross-entropy plus AR/TAR, truncated BPTT with a carried hidden state.
+
+    Optimizers: `sgd` with AWD-LSTM's non-monotone trigger (NT-ASGD: after `nonmono` validations
+    without a new best, keep plain SGD steps but start averaging the iterates, which is what ASGD with
+    t0=0, lambd=0 does; validation and the exported model use the average), or `adam`. The learning
+    rate is scaled by window length / bptt so randomized short windows do not take full-size steps.
+    """
+
+    def __init__(self, vocab_size: int, model: dict[str, Any], optimizer: str = "sgd", lr: float = 30.0,
+                 weight_decay: float = 1.2e-6, clip: float = 0.25, alpha: float = 2.0, beta: float = 1.0,
+                 bptt: int = 70, nonmono: int = 5, asgd: bool = True, data_source: str = "",
+                 vocab_hash: str = "") -> None:
+        super().__init__()
+        require(optimizer in ("sgd", "adam"), f"lm.optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.model = AWDLSTM(vocab_size, **model)
+        # The iterate average of NT-ASGD; `n_averaged == 0` means averaging has not started.
+        self.swa = AveragedModel(self.model)
+        self.swa.requires_grad_(False)
+        self.val_history: list[float] = []
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self._hidden: dict[str, Hidden | None] = {"train": None, "val": None, "test": None}
+
+    # -- the model other stages use ------------------------------------------------------------------
+    @property
+    def averaging(self) -> bool:
+        return bool(self.swa.n_averaged.item() > 0)
+
+    def eval_model(self) -> AWDLSTM:
+        """θ*: the averaged iterate once NT-ASGD has triggered, else the current weights."""
+        return self.swa.module if self.averaging else self.model
+
+    # -- training --------------------------------------------------------------------------------------
+    def _carry(self, key: str, x: Tensor, net: AWDLSTM) -> Hidden:
+        h = self._hidden[key]
+        if h is None or h[0][0].size(0) != x.size(0):
+            h = net.init_hidden(x.size(0))
+        return h
+
+    def on_train_epoch_start(self) -> None:
+        self._hidden["train"] = None
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch  # [B, T]
+        out = self.model(x, self._carry("train", x, self.model))
+        self._hidden["train"] = detach_hidden(out.hidden)
+        ce = lm_loss(out.logits, y)
+        hp = self.hparams
+        # AR on the dropped output of the last layer; TAR on its raw output (differences along time).
+        loss = ce + hp.alpha * out.output.pow(2).mean() \
+            + hp.beta * (out.raw_output[:, 1:] - out.raw_output[:, :-1]).pow(2).mean()
+        opt = self.optimizers()
+        for g in opt.param_groups:
+            g["lr"] = hp.lr * x.size(1) / hp.bptt
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if hp.clip:
+            self.clip_gradients(opt, gradient_clip_val=hp.clip, gradient_clip_algorithm="norm")
+        opt.step()
+        if self.averaging:
+            self.swa.update_parameters(self.model)
+        self.train_loss.update(ce.detach(), weight=y.numel())
+        self.log("train/loss", ce.detach(), prog_bar=True)
+        return loss.detach()
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/ppl", torch.exp(self.train_loss.compute()))
+        self.train_loss.reset()
+
+    # -- evaluation (hidden state carried across windows, separate per split) ----------------------
+    def _eval_step(self, key: str, metric: MeanMetric, batch: tuple[Tensor, Tensor]) -> None:
+        x, y = batch
+        net = self.eval_model()
+        out = net(x, self._carry(key, x, net))
+        self._hidden[key] = detach_hidden(out.hidden)
+        metric.update(lm_loss(out.logits, y), weight=y.numel())
+
+    def on_validation_epoch_start(self) -> None:
+        self._hidden["val"] = None
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", self.val_loss, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        hp = self.hparams
+        # NT-ASGD: no new best among the last `nonmono` validations -> start averaging.
+        if (hp.optimizer == "sgd" and hp.asgd and not self.averaging and len(self.val_history) > hp.nonmono
+                and loss.item() > min(self.val_history[: -hp.nonmono])):
+            self.swa.update_parameters(self.model)
+            self.print(f"NT-ASGD: validation stalled for {hp.nonmono} checks, averaging iterates from now on")
+        self.val_history.append(loss.item())
+
+    def on_test_epoch_start(self) -> None:
+        self._hidden["test"] = None
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", self.test_loss, batch)
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.test_loss.compute()
+        self.test_loss.reset()
+        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss)})
+
+    # -- optimizer and checkpoint state ---------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        if hp.optimizer == "adam":
+            return torch.optim.Adam(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.SGD(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["val_history"] = list(self.val_history)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.val_history = list(checkpoint.get("val_history", []))
+
+
+def load_lm(path: str | Path) -> tuple[AWDLSTM, dict[str, Any]]:
+    """θ* from an `lm.ckpt` in eval mode, and the module's hyperparameters (data provenance included)."""
+    path = Path(path)
+    require(path.is_file(), f"no LM checkpoint at {path}; run `python train.py stage=lm` with the same "
+            "experiment/name first")
+    try:
+        module = LMPretrainModule.load_from_checkpoint(path, map_location="cpu")
+    except Exception as e:
+        raise DynlmError(f"LM checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or not an "
+                         "lm.ckpt: rerun `python train.py stage=lm`") from None
+    return module.eval_model().eval(), dict(module.hparams)
+
+
+def check_same_data(hparams: dict[str, Any], vocab_hash: str, what: str) -> None:
+    """Refuse an LM trained on another vocabulary than the one this run reads."""
+    require(hparams.get("vocab_hash") == vocab_hash,
+            f"{what} was trained with another vocabulary than this run's data; use the same data=... "
+            "as the LM stage, or retrain it with `python train.py stage=lm`")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """`python train.py stage=lm`: train, keep best and last checkpoints, export `lm.ckpt`."""
+    out = run_dir(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    dm = make_datamodule(cfg)
+    corpus = dm.load()
+    module = LMPretrainModule(
+        vocab_size=len(corpus.vocab), model=model_kwargs(cfg.model), bptt=cfg.data.bptt,
+        data_source=corpus.source, vocab_hash=corpus.vocab_hash, **model_kwargs(cfg.lm.optim))
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="lm-best", monitor="val/ppl", mode="min",
+                           save_last=True, save_top_k=1, enable_version_counter=False)
+    trainer = make_trainer(cfg, cfg.lm.get("trainer"), callbacks=[ckpt])
+    resume = out / "checkpoints" / "last.ckpt"
+    ckpt_path = str(resume) if cfg.get("resume") and resume.is_file() else None
+    t0 = time.time()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        raise DynlmError("pretraining was interrupted; rerun with resume=true to continue from last.ckpt")
+    best = ckpt.best_model_path or ckpt.last_model_path
+    require(bool(best), "pretraining ended without a checkpoint (no validation ran); "
+            "check lm.trainer.limit_val_batches / val_check_interval")
+    atomic_copy(best, out / "lm.ckpt")
+    score = ckpt.best_model_score
+    metrics = {"val_ppl": float(score) if score is not None else math.nan, "seconds": time.time() - t0}
+    print(f"[lm] best val ppl {metrics['val_ppl']:.2f}; wrote {out / 'lm.ckpt'} in {metrics['seconds']:.0f}s")
+    return metrics

@@ -1,0 +1,17 @@
+"""Train a stage: `python train.py stage=lm|fisher|meta|all [experiment=smoke|cpu|paper] [key=value ...]`."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from dynlm_pl.stages import main_guard, run_stages
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    main_guard(lambda: run_stages(cfg))
+
+
+if __name__ == "__main__":
+    main()
