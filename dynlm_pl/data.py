@@ -82,9 +82,11 @@ def tokenize(lines: Sequence[str]) -> list[str]:
 def article_index(lines: Sequence[str]) -> list[tuple[int, str]]:
     """Token offset (in the tokenized stream of `lines`) and title of each ` = Title = ` line."""
     out, offset = [], 0
-    for line in lines:
+    blank = lambda i: i < 0 or i >= len(lines) or not lines[i].strip()
+    for i, line in enumerate(lines):
+        # A title stands between blank lines; formulas like ` = 1 Hz = ` inside a paragraph do not.
         m = _HEADING.match(line.rstrip("\n"))
-        if m:
+        if m and blank(i - 1) and blank(i + 1):
             out.append((offset, m.group(1).strip()))
         offset += len(line.split()) + 1
     return out
