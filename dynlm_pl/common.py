@@ -12,6 +12,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from dynlm_pl.data import WikiText2DataModule
@@ -75,21 +76,35 @@ def atomic_write_text(dst: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, but a DynlmError raised by the target stays a DynlmError.
+
+    Hydra wraps whatever the target raises in a multi-line InstantiationException, which would turn
+    e.g. `data.bptt=-3` into a traceback with exit status 1 instead of our one-line error.
+    """
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, DynlmError):
+            raise e.__cause__ from None
+        raise
+
+
 def make_datamodule(cfg: DictConfig, **overrides: Any) -> WikiText2DataModule:
-    return hydra.utils.instantiate(cfg.data, **overrides)
+    return instantiate(cfg.data, **overrides)
 
 
 def make_loggers(cfg: DictConfig) -> list[Any]:
     if not cfg.get("logger"):
         return []
-    return [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None and "_target_" in c]
+    return [instantiate(c) for c in cfg.logger.values() if c is not None and "_target_" in c]
 
 
 def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, callbacks: list | None = None,
                  **kwargs: Any) -> L.Trainer:
     """cfg.trainer, with a stage's own trainer settings (e.g. `lm.trainer`) merged on top."""
     tcfg = OmegaConf.merge(cfg.trainer, overrides or {})
-    return hydra.utils.instantiate(tcfg, callbacks=callbacks or [], logger=make_loggers(cfg) or False, **kwargs)
+    return instantiate(tcfg, callbacks=callbacks or [], logger=make_loggers(cfg) or False, **kwargs)
 
 
 def model_kwargs(cfg_model: DictConfig | dict) -> dict[str, Any]:

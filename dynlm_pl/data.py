@@ -134,8 +134,8 @@ def find_wikitext2(root: Path) -> dict[str, Path] | None:
 
 
 def _download_hf(root: Path) -> None:
-    from huggingface_hub import hf_hub_download  # optional extra `[hf]`
     import pyarrow.parquet as pq
+    from huggingface_hub import hf_hub_download  # optional extra `[hf]`
 
     for s in SPLITS:
         local = hf_hub_download(HF_REPO, HF_FILES[s], repo_type="dataset")
@@ -337,7 +337,11 @@ class StreamWindows(IterableDataset):
             i += t
 
     def __len__(self) -> int:
-        return math.ceil((self.streams.size(1) - 1) / self.bptt)
+        # The exact count of the next pass: Lightning ends an epoch after len() batches, so an estimate
+        # (ceil(n / bptt)) silently dropped the tail of every epoch under randomized window lengths.
+        if not self.variable:
+            return math.ceil((self.streams.size(1) - 1) / self.bptt)
+        return len(self.lengths(self.epoch))
 
 
 def shard_streams(streams: Tensor, rank: int, world: int) -> Tensor:
@@ -359,11 +363,13 @@ class WikiText2DataModule(L.LightningDataModule):
     def __init__(self, source: str = "wikitext2", root: str | None = None, cache_dir: str | None = None,
                  download: bool = True, verify: bool = True, batch_size: int = 80, eval_batch_size: int = 10,
                  test_batch_size: int = 1, bptt: int = 70, variable_bptt: bool = True, seed: int = 1111,
-                 synthetic: dict[str, Any] | None = None) -> None:
+                 synthetic: dict[str, Any] | None = None, path: str | None = None) -> None:
         super().__init__()
         for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
                         ("test_batch_size", test_batch_size), ("bptt", bptt)):
             require(isinstance(v, int) and v >= 1, f"data.{name} must be a positive integer, got {v!r}")
+        require(source != "textfile", "data=textfile is for `python evaluate.py data=textfile data.path=...`; "
+                "train on data=wikitext2 or data=synthetic")
         require(source in ("wikitext2", "synthetic"),
                 f"data.source must be 'wikitext2' or 'synthetic', got {source!r}")
         self.source, self.root, self.cache_dir = source, root, cache_dir
@@ -404,6 +410,10 @@ class WikiText2DataModule(L.LightningDataModule):
 
     def _loader(self, split: str, n_streams: int, variable: bool) -> DataLoader:
         ds = StreamWindows(self.streams(split, n_streams), self.bptt, variable, self.seed)
+        if self.trainer is not None:
+            # Window lengths are drawn per epoch: a loader rebuilt each epoch (the trainer config reloads
+            # them so len() stays exact) or after a resume continues the same sequence of draws.
+            ds.epoch = self.trainer.current_epoch
         return DataLoader(ds, batch_size=None, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:

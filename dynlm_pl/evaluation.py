@@ -1,27 +1,48 @@
-"""`python evaluate.py`: perplexity of the run directory's LM checkpoint on valid and test.
+"""`python evaluate.py`: every method side by side on one LM checkpoint, under one protocol.
 
-Protocol: the split as `eval.batch_size` contiguous streams (1 by default: one stream, as dynamic
-evaluation reads it), windows of `data.bptt` tokens, hidden state carried, perplexity =
-exp(total loss / tokens scored).
+Methods (`eval.methods`, any subset):
+  static        the LM alone (one level)
+  sgd           dynamic evaluation with plain SGD
+  rms           Krause et al. 2017: RMS-scaled SGD with decay toward θ_0 (needs fisher.pt's `ms`)
+  meta_noflush  LM + a meta-learner trained without FLUSH (`meta_noflush.ckpt`; two levels)
+  meta          LM + meta-learner + long-term memory θ_0 (`meta.ckpt`; three levels)
+Protocol (Krause's): the split as one stream (batch 1), segments of `eval.segment` tokens, each scored
+with θ_{t-1} before the update, hidden state carried; perplexity = exp(total loss / tokens scored).
+
+`sgd` and `rms` are tuned on a slice of the validation split (`eval.tune`), stored in `tuned.json`
+and reused on test, so the baselines are as strong as a grid search makes them.
+
+Outputs in the run directory: results.json and results.md, losses-<split>.npz (per-token losses),
+articles-<split>.csv, and under plots/: gain curves (the paper's Figure 2, left), per-article gains,
+gate statistics, and tokens-<split>.html (Figure 2, right). With `logger=wandb` they also go to W&B.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import itertools
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
+from dynlm_pl import report
 from dynlm_pl.common import atomic_write_text, file_sha256, make_datamodule, run_dir
-from dynlm_pl.data import StreamWindows, batchify
-from dynlm_pl.errors import require
+from dynlm_pl.data import UNK, Corpus, StreamWindows, article_index, batchify, read_lines
+from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, Rule, SGDRule, adaptive_eval
+from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
 from dynlm_pl.systems.lm import check_same_data, load_lm
+
+METHODS = ("static", "sgd", "rms", "meta_noflush", "meta")
 
 
 @torch.no_grad()
@@ -39,26 +60,326 @@ def static_eval(model: AWDLSTM, tokens: Tensor, batch_size: int = 1, bptt: int =
     return total, n
 
 
+@torch.no_grad()
+def static_losses(model: AWDLSTM, tokens: Tensor, bptt: int = 70, progress: bool = False) -> Tensor:
+    """Per-token losses [N-1] of the static LM over `tokens` read as one stream."""
+    model.eval()
+    stream = tokens.view(1, -1)
+    hidden, out = model.init_hidden(1), []
+    for x, y in tqdm(StreamWindows(stream, bptt), disable=not progress, desc="static", leave=False):
+        o = model(x, hidden)
+        hidden = detach_hidden(o.hidden)
+        out.append(lm_loss(o.logits, y, reduction="none"))
+    return torch.cat(out)
+
+
+class RecordingGateRule(GateRule):
+    """GateRule that also keeps, per segment, the mean f, i, z of each dynamic tensor [n_tensors]."""
+
+    def __init__(self, gates: torch.nn.Module, dyn: DynamicWeights) -> None:
+        super().__init__(gates, dyn)
+        self.history: list[Tensor] = []  # each [3, n_tensors]
+
+    def update(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
+        f, i, z = self.gates(theta, grad, loss, self.dyn)
+        sizes = self.dyn.spec.sizes
+        z_ = torch.zeros_like(theta) if z is None else z
+
+        def per_tensor(g: Tensor) -> Tensor:
+            return torch.stack([t.mean() for t in g.expand_as(theta).split(sizes)])
+
+        self.history.append(torch.stack([per_tensor(f), per_tensor(i), per_tensor(z_)]).cpu())
+        new = torch.addcmul(f * theta, i, grad)
+        return new if z is None else new.addcmul(z, self.dyn.theta0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building each method's rule
+# ----------------------------------------------------------------------------------------------------
+
+
+def _load_fisher(out: Path, lm_sha: str) -> Any | None:
+    if not (out / "fisher.pt").is_file():
+        return None
+    from dynlm_pl.fisher import load_fisher
+
+    return load_fisher(out / "fisher.pt", lm_sha256=lm_sha)
+
+
+def _meta_rule(path: Path, lm: AWDLSTM, lm_sha: str, art: Any | None) -> tuple[RecordingGateRule, DynamicWeights]:
+    from dynlm_pl.systems.meta import load_meta
+
+    meta, hp = load_meta(path, lm_sha256=lm_sha)
+    dyn_cfg = (hp.get("provenance") or {}).get("dynamic") or {"include": ["*"], "exclude": []}
+    dyn = DynamicWeights.build(lm, dyn_cfg["include"], dyn_cfg["exclude"], art)
+    require(list(dyn.spec.names) == list(hp["dynamic_names"]),
+            f"{path} adapts other parameters than this LM has; rerun `python train.py stage=meta`")
+    return RecordingGateRule(meta, dyn), dyn
+
+
+def tune(lm: AWDLSTM, tokens: Tensor, dyn: DynamicWeights, segment: int, grid: DictConfig,
+         methods: list[str]) -> dict[str, dict[str, Any]]:
+    """Grid search of `sgd` lr and `rms` (lr, λ) on `tokens` (a validation slice): lowest loss wins."""
+    best: dict[str, dict[str, Any]] = {}
+    spaces: dict[str, list[dict[str, float]]] = {}
+    if "sgd" in methods:
+        spaces["sgd"] = [{"lr": float(lr)} for lr in grid.sgd_lr]
+    if "rms" in methods and dyn.ms is not None:
+        spaces["rms"] = [{"lr": float(a), "lamb": float(b), "eps": float(grid.rms_eps)}
+                         for a, b in itertools.product(grid.rms_lr, grid.rms_lamb)]
+    for method, space in spaces.items():
+        trials = []
+        for hp in tqdm(space, desc=f"tune {method}", leave=False):
+            rule = SGDRule(hp["lr"]) if method == "sgd" else RMSRule(dyn, hp["lr"], hp["lamb"], hp["eps"])
+            loss = float(adaptive_eval(lm, tokens, rule, segment, dyn).mean())
+            trials.append({**hp, "loss": loss if math.isfinite(loss) else math.inf})
+        top = min(trials, key=lambda t: t["loss"])
+        best[method] = {"hparams": {k: v for k, v in top.items() if k != "loss"}, "tune_loss": top["loss"],
+                        "trials": trials}
+        print(f"[evaluate] tuned {method} on {tokens.numel()} validation tokens: {best[method]['hparams']} "
+              f"(ppl {math.exp(top['loss']):.2f})")
+    return best
+
+
+def tuned_baselines(cfg: DictConfig, out: Path, lm: AWDLSTM, valid: Tensor, dyn: DynamicWeights, lm_sha: str,
+                    methods: list[str]) -> dict[str, dict[str, Any]]:
+    """tuned.json for this LM, segment and grid if it exists, else tune now and store it."""
+    t = cfg.eval.tune
+    key = {"lm_sha256": lm_sha, "segment": int(cfg.eval.segment), "tokens": int(t.tokens),
+           "grid": OmegaConf.to_container(t, resolve=True)}
+    path = out / "tuned.json"
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("key") == key and all(m in stored["best"] for m in methods):
+                print(f"[evaluate] reusing tuned baselines from {path}")
+                return stored["best"]
+        except (json.JSONDecodeError, KeyError):
+            pass  # unreadable: tune again and replace it
+    best = tune(lm, valid[: int(t.tokens)], dyn, int(cfg.eval.segment), t, methods)
+    atomic_write_text(path, json.dumps({"key": key, "best": best}, indent=2))
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def _textfile(cfg: DictConfig, vocab: list[str]) -> tuple[dict[str, Tensor], dict[str, list], Corpus]:
+    """A user's text file read with the LM's vocabulary (unknown words -> <unk>), as split `text`."""
+    path = Path(str(cfg.data.path))
+    lines = read_lines(path)
+    corpus = Corpus(vocab, {}, {}, "textfile:" + file_sha256(path))
+    require(UNK in corpus.stoi, f"the LM's vocabulary has no {UNK}: it cannot read unseen words in {path}")
+    tokens = corpus.encode_lines(lines)
+    require(tokens.numel() >= 2, f"{path} has fewer than 2 tokens; give it some text")
+    unk = float((tokens == corpus.stoi[UNK]).float().mean())
+    if unk > 0.5:
+        print(f"[evaluate] warning: {100 * unk:.0f}% of the tokens of {path} are unknown to the LM ({UNK})")
+    return {"text": tokens}, {"text": article_index(lines)}, corpus
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     out = run_dir(cfg)
-    dm = make_datamodule(cfg)
-    corpus = dm.load()
-    model, hp = load_lm(out / "lm.ckpt")
-    check_same_data(hp, corpus.vocab_hash, f"the LM in {out / 'lm.ckpt'}")
-    splits = list(cfg.eval.splits)
-    for s in splits:
-        require(s in corpus.splits, f"eval.splits has {s!r}; use valid and/or test")
-    batch = int(cfg.eval.get("batch_size", 1))
-    results: dict[str, Any] = {"checkpoint": {"lm.ckpt": file_sha256(out / "lm.ckpt")},
-                               "data": {"source": corpus.source, "vocab": corpus.vocab_hash},
-                               "protocol": {"batch_size": batch, "bptt": dm.bptt}, "splits": {}}
-    for s in splits:
-        t0 = time.time()
-        loss, n = static_eval(model, corpus.splits[s], batch, dm.bptt, progress=True)
-        sec = time.time() - t0
-        results["splits"][s] = {"static": {"ppl": math.exp(loss / n), "loss": loss / n, "tokens": n,
-                                           "tokens_per_s": n / sec, "seconds": sec}}
-        print(f"[evaluate] {s}: static ppl {math.exp(loss / n):.2f} over {n} tokens ({n / sec:.0f} tok/s)")
-    results["config"] = OmegaConf.to_container(cfg.eval, resolve=True)
+    e = cfg.eval
+    lm_path = out / "lm.ckpt"
+    lm, hp = load_lm(lm_path)
+    lm_sha = file_sha256(lm_path)
+    if cfg.data.source == "textfile":
+        require(hp.get("vocab"), f"{lm_path} does not carry its vocabulary; retrain it with this version")
+        splits_t, articles, corpus = _textfile(cfg, hp["vocab"])
+        splits = ["text"]
+        valid = None
+    else:
+        corpus = make_datamodule(cfg).load()
+        check_same_data(hp, corpus.vocab_hash, f"the LM in {lm_path}")
+        splits_t, articles, splits = corpus.splits, corpus.articles, list(e.splits)
+        for s in splits:
+            require(s in ("valid", "test"), f"eval.splits has {s!r}; use valid and/or test")
+        valid = corpus.splits["valid"]
+    methods = list(e.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    require(not unknown, f"eval.methods has unknown {unknown}; choose from {', '.join(METHODS)}")
+    segment = int(e.segment)
+    require(segment >= 1, f"eval.segment must be a positive number of tokens, got {segment}")
+
+    art = _load_fisher(out, lm_sha)
+    rules: dict[str, Rule | None] = {}
+    dyns: dict[str, DynamicWeights] = {}
+    notes: dict[str, str] = {}
+    base_dyn = DynamicWeights.build(lm, fisher_art=art)
+    hashes = {"lm.ckpt": lm_sha}
+    if art is not None:
+        hashes["fisher.pt"] = file_sha256(out / "fisher.pt")
+    for m in methods:
+        if m == "static":
+            rules[m] = None
+        elif m == "rms" and art is None:
+            notes[m] = "skipped: needs fisher.pt (python train.py stage=fisher)"
+        elif m in ("meta", "meta_noflush"):
+            path = out / f"{m}.ckpt"
+            if not path.is_file():
+                notes[m] = f"skipped: no {path.name} (python train.py stage=meta" + \
+                    (" gate.flush=false)" if m == "meta_noflush" else ")")
+                continue
+            rules[m], dyns[m] = _meta_rule(path, lm, lm_sha, art)
+            hashes[path.name] = file_sha256(path)
+        else:
+            rules[m] = None  # built after tuning
+    for m, why in notes.items():
+        print(f"[evaluate] {m}: {why}")
+    tuned: dict[str, dict[str, Any]] = {}
+    need_tune = [m for m in ("sgd", "rms") if m in rules]
+    if need_tune:
+        require(valid is not None, "tuning sgd/rms needs the validation split: evaluate a text file with "
+                "eval.methods=[static,meta] or run on the corpus the LM was trained on first")
+        tuned = tuned_baselines(cfg, out, lm, valid, base_dyn, lm_sha, need_tune)
+        if "sgd" in rules:
+            rules["sgd"], dyns["sgd"] = SGDRule(tuned["sgd"]["hparams"]["lr"]), base_dyn
+        if "rms" in rules:
+            h = tuned["rms"]["hparams"]
+            rules["rms"], dyns["rms"] = RMSRule(base_dyn, h["lr"], h["lamb"], h["eps"]), base_dyn
+
+    results: dict[str, Any] = {
+        "protocol": {"streams": 1, "segment": segment, "order": "score then update",
+                     "ppl": "exp(total loss / tokens scored)", "static_window": int(cfg.data.bptt)},
+        "checkpoints": hashes, "data": {"source": corpus.source, "vocab": corpus.vocab_hash},
+        "skipped": notes, "splits": {}}
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    for split in splits:
+        tokens = splits_t[split]
+        losses: dict[str, np.ndarray] = {}
+        rows: dict[str, list[dict]] = {}
+        res: dict[str, Any] = {}
+        gates: Tensor | None = None
+        for m, rule in rules.items():
+            t0 = time.time()
+            if rule is None:
+                lt = static_losses(lm, tokens, int(cfg.data.bptt), progress=True).view(-1)
+            else:
+                if isinstance(rule, RecordingGateRule):
+                    rule.history = []
+                lt = adaptive_eval(lm, tokens, rule, segment, dyns[m], progress=True).view(-1)
+                if m == "meta" and isinstance(rule, RecordingGateRule) and rule.history:
+                    gates = torch.stack(rule.history)  # [n_segments, 3, n_tensors]
+            sec = time.time() - t0
+            arr = lt.double().cpu().numpy()
+            require(np.isfinite(arr).all(), f"{m} produced non-finite losses on {split}; lower its learning rate")
+            losses[m] = arr
+            rows[m] = report.per_article(arr, articles[split])
+            res[m] = {"ppl": math.exp(arr.mean()), "loss": float(arr.mean()), "tokens": int(arr.size),
+                      "tokens_per_s": arr.size / sec, "seconds": sec,
+                      "hparams": tuned.get(m, {}).get("hparams", {})}
+            print(f"[evaluate] {split} {m:>12}: ppl {res[m]['ppl']:8.2f}  ({arr.size / sec:,.0f} tok/s)", flush=True)
+        results["splits"][split] = res
+        _write_split(out, plots, split, tokens, corpus.vocab, articles[split], losses, rows, gates,
+                     dyns.get("meta"), int(e.html_articles), int(e.smooth))
+    md = _markdown(results)
+    results["markdown"] = md
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(out / "results.md", md + "\n")
+    print(md)
+    if cfg.get("logger") and "wandb" in cfg.logger:
+        _to_wandb(cfg, out, results, splits)
     return results
+
+
+def _write_split(out: Path, plots: Path, split: str, tokens: Tensor, vocab: list[str],
+                 articles: list[tuple[int, str]], losses: dict[str, np.ndarray], rows: dict[str, list[dict]],
+                 gates: Tensor | None, dyn: DynamicWeights | None, html_articles: int, window: int) -> None:
+    np.savez_compressed(out / f"losses-{split}.npz", **{m: v.astype(np.float32) for m, v in losses.items()})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    methods = list(rows)
+    w.writerow(["article", "title", "tokens", *[f"ppl_{m}" for m in methods]])
+    first = rows[methods[0]]
+    for k, r in enumerate(first):
+        w.writerow([k, r["title"], r["tokens"], *[f"{rows[m][k]['ppl']:.4f}" for m in methods]])
+    atomic_write_text(out / f"articles-{split}.csv", buf.getvalue())
+    curves = {}
+    if "meta" in losses and "static" in losses:
+        curves["LM + meta-learner vs LM (higher: meta better)"] = (losses["meta"], losses["static"])
+    if "meta" in losses and "meta_noflush" in losses:
+        curves["3 levels vs 2 levels (meta vs meta_noflush)"] = (losses["meta"], losses["meta_noflush"])
+    if "rms" in losses and "static" in losses:
+        curves["Krause RMS dynamic eval vs LM"] = (losses["rms"], losses["static"])
+    if curves:
+        report.plot_gain_curves(curves, articles, plots / f"gain-{split}.png", window=window)
+    if "static" in rows and len(rows) > 1:
+        report.plot_article_gains(rows, "static", plots / f"articles-{split}.png")
+    if gates is not None and dyn is not None:
+        _plot_gates(gates, dyn, articles, plots / f"gates-{split}.png", segment_len=len(losses["meta"]) / len(gates))
+    best = "meta" if "meta" in losses else next((m for m in ("rms", "sgd") if m in losses), None)
+    if best and "static" in losses:
+        words = [vocab[i] for i in tokens.tolist()]
+        report.token_html(words, losses[best], losses["static"], articles, plots / f"tokens-{split}.html",
+                          best, "static", max_articles=html_articles)
+
+
+def _plot_gates(gates: Tensor, dyn: DynamicWeights, articles: list[tuple[int, str]], path: Path,
+                segment_len: float) -> None:
+    """Mean f, i, z per dynamic tensor along the stream, and averaged around article starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = gates.numpy()  # [S, 3, n_tensors]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 6))
+    starts = [int(o / segment_len) for o, _ in articles if 0 < o / segment_len < len(g)]
+    k = 20  # segments either side of an article start
+    for j, name in enumerate(("f (COPY)", "i (UPDATE)", "z (FLUSH)")):
+        for t, tname in enumerate(dyn.spec.names):
+            axes[0, j].plot(report.smooth(g[:, j, t], 50), lw=0.7, label=tname)
+            around = [g[s - k : s + k, j, t] for s in starts if s - k >= 0 and s + k <= len(g)]
+            if around:
+                axes[1, j].plot(np.arange(-k, k), np.mean(around, axis=0), lw=0.8)
+        axes[0, j].set_title(f"mean {name} per tensor")
+        axes[1, j].set_title(f"{name} around article starts")
+        axes[1, j].axvline(0, color="k", lw=0.5)
+        axes[1, j].set_xlabel("segments from article start")
+    axes[0, 0].legend(fontsize=6)
+    axes[0, 0].set_xlabel("segment")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    out = []
+    for split, res in results["splits"].items():
+        static = res.get("static", {}).get("ppl")
+        rows = []
+        for m, r in res.items():
+            gain = f"{100 * (1 - r['ppl'] / static):+.1f}%" if static else ""
+            hp = ", ".join(f"{k}={v:g}" for k, v in r["hparams"].items())
+            rows.append({"method": m, "ppl": r["ppl"], "vs static": gain, "tokens/s": f"{r['tokens_per_s']:,.0f}",
+                         "seconds": r["seconds"], "hyperparameters": hp})
+        out.append(f"**{split}** (segment {results['protocol']['segment']}, one stream)\n\n"
+                   + report.markdown_table(rows, ["method", "ppl", "vs static", "tokens/s", "seconds",
+                                                  "hyperparameters"]))
+    return "\n\n".join(out)
+
+
+def _to_wandb(cfg: DictConfig, out: Path, results: dict[str, Any], splits: list[str]) -> None:
+    """The per-article table, the gain curves and the plots to a W&B run (WANDB_MODE=offline works)."""
+    import wandb
+
+    try:
+        run = wandb.init(project=cfg.logger.wandb.get("project", "dynlm"), name=f"{cfg.name}-evaluate",
+                         dir=str(out), config=OmegaConf.to_container(cfg.eval, resolve=True), job_type="evaluate")
+    except wandb.errors.UsageError as e:
+        raise DynlmError(f"W&B refused to start ({str(e).splitlines()[0]}); run `wandb login` or set "
+                         "WANDB_MODE=offline") from None
+    for split in splits:
+        with open(out / f"articles-{split}.csv") as f:
+            rows = list(csv.reader(f))
+        run.log({f"{split}/articles": wandb.Table(columns=rows[0], data=rows[1:])})
+        for m, r in results["splits"][split].items():
+            run.summary[f"{split}/{m}/ppl"] = r["ppl"]
+        for p in sorted((out / "plots").glob(f"*-{split}.png")):
+            run.log({f"{split}/{p.stem}": wandb.Image(str(p))})
+    run.finish()
+

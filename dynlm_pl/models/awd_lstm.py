@@ -26,7 +26,7 @@ Hidden = list[tuple[Tensor, Tensor]]  # per layer (h, c), each [B, H_l]
 class LMOutput(NamedTuple):
     logits: Tensor  # [B, T, V]
     hidden: Hidden  # state after the window, to carry into the next one
-    raw_output: Tensor  # [B, T, E] last LSTM layer before output dropout (for AR... TAR)
+    raw_output: Tensor  # [B, T, E] last LSTM layer before output dropout (for TAR)
     output: Tensor  # [B, T, E] after output dropout (for AR)
 
 

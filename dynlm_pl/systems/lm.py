@@ -139,9 +139,13 @@ class LMPretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["val_history"] = list(self.val_history)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None:  # the vocabulary travels with the weights: evaluate.py reads any text with it
+            checkpoint["vocab"] = dm.load().vocab
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_history = list(checkpoint.get("val_history", []))
+        self.vocab: list[str] | None = checkpoint.get("vocab")
 
 
 def load_lm(path: str | Path) -> tuple[AWDLSTM, dict[str, Any]]:
@@ -154,7 +158,7 @@ def load_lm(path: str | Path) -> tuple[AWDLSTM, dict[str, Any]]:
     except Exception as e:
         raise DynlmError(f"LM checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or not an "
                          "lm.ckpt: rerun `python train.py stage=lm`") from None
-    return module.eval_model().eval(), dict(module.hparams)
+    return module.eval_model().eval(), {**module.hparams, "vocab": getattr(module, "vocab", None)}
 
 
 def check_same_data(hparams: dict[str, Any], vocab_hash: str, what: str) -> None:
@@ -187,6 +191,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "check lm.trainer.limit_val_batches / val_check_interval")
     atomic_copy(best, out / "lm.ckpt")
     score = ckpt.best_model_score
+    if score is None:  # ddp_spawn sends only the best path back to this process; the score is in the file
+        state = torch.load(best, map_location="cpu", weights_only=False)
+        score = next((c["best_model_score"] for c in state.get("callbacks", {}).values()
+                      if c.get("best_model_score") is not None), None)
     metrics = {"val_ppl": float(score) if score is not None else math.nan, "seconds": time.time() - t0}
     print(f"[lm] best val ppl {metrics['val_ppl']:.2f}; wrote {out / 'lm.ckpt'} in {metrics['seconds']:.0f}s")
     return metrics

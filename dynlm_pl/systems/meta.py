@@ -1,0 +1,343 @@
+"""Stage `meta`: online meta-training of the update rule g_φ (Wolf et al. 2018, §2.1 and appendix B).
+
+The training split is read as `meta.streams` contiguous streams cut into segments of M tokens
+(`meta.segment`). Each inner step scores a segment with θ_{t-1} (its loss enters the meta-loss),
+takes ∇L_t and applies g_φ: θ_t = f⊙θ_{t-1} + i⊙∇L_t + z⊙θ_0. After `unroll` steps the mean of the
+L_t is backpropagated into φ (truncated BPTT through the weights), θ and the hidden state are
+detached, and reading continues online. θ goes back to θ_0 every `reset_every` unrolls and/or at
+article starts. Only φ trains: the LM is frozen.
+
+Memory: with `checkpointing`, each inner step is one non-reentrant `torch.utils.checkpoint` region,
+so an unroll stores about one θ per step (its input) and recomputes the step's graph in backward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, IterableDataset
+
+from dynlm_pl.common import atomic_copy, file_sha256, make_datamodule, make_trainer, run_dir
+from dynlm_pl.data import batchify
+from dynlm_pl.dynamic import (
+    DynamicWeights,
+    GateRule,
+    RMSRule,
+    SGDRule,
+    StaticRule,
+    adaptive_eval,
+    freeze,
+    inner_step,
+)
+from dynlm_pl.errors import DynlmError, require
+from dynlm_pl.models.awd_lstm import AWDLSTM, Hidden, detach_hidden
+from dynlm_pl.models.meta_learner import MetaLearner, build_meta_learner
+from dynlm_pl.systems.lm import check_same_data, load_lm
+
+
+class UnrollChunks(IterableDataset):
+    """(chunk [B, U·M + 1], first segment index) for consecutive unrolls of `streams` [B, N]."""
+
+    def __init__(self, streams: Tensor, unroll: int, segment: int) -> None:
+        self.streams, self.span, self.segment = streams, unroll * segment, segment
+        require(streams.size(1) > self.span + 1, f"the training stream ({streams.size(1)} tokens per stream) is "
+                f"shorter than one unroll ({self.span} tokens); lower unroll, meta.segment or meta.streams")
+
+    def __iter__(self):
+        for s in range(0, self.streams.size(1) - self.span - 1 + 1, self.span):
+            yield self.streams[:, s : s + self.span + 1], s // self.segment
+
+
+def article_reset_mask(articles: list[tuple[int, str]], n_streams: int, stream_len: int, segment: int) -> Tensor:
+    """[B, n_segments] bool: an article starts among the input tokens of segment j of stream b."""
+    n_seg = math.ceil(stream_len / segment)
+    mask = torch.zeros(n_streams, n_seg, dtype=torch.bool)
+    for off, _ in articles:
+        b, p = divmod(off, stream_len)
+        if b < n_streams and p > 0:
+            mask[b, p // segment] = True
+    return mask
+
+
+class MetaTrainModule(L.LightningModule):
+    """Manual optimization of φ (Adam) through unrolled dynamic evaluation of a frozen LM."""
+
+    def __init__(self, lm: AWDLSTM, dyn: DynamicWeights, gate: dict[str, Any], segment: int = 5,
+                 unroll: int = 40, order: int = 1, checkpointing: bool = True, reset_every: int = 0,
+                 ewc_lambda: float = 0.0, lr: float = 1e-3, weight_decay: float = 0.0, clip: float = 1.0,
+                 train_streams: Tensor | None = None, reset_mask: Tensor | None = None,
+                 val_tokens: Tensor | None = None, provenance: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        require(order in (1, 2), f"meta.order must be 1 (first order) or 2 (second order), got {order}")
+        require(ewc_lambda == 0 or dyn.fisher is not None,
+                "meta.ewc_lambda > 0 needs the Fisher from fisher.pt; run `python train.py stage=fisher`")
+        self.save_hyperparameters(ignore=["lm", "dyn", "train_streams", "reset_mask", "val_tokens"])
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold φ only, not the (frozen) LM
+        self.lm = freeze(lm.eval())
+        self.dyn = dyn
+        self.meta = build_meta_learner(gate, len(dyn.spec.names))
+        self.rule = GateRule(self.meta, dyn)
+        self.train_streams, self.reset_mask, self.val_tokens = train_streams, reset_mask, val_tokens
+        self._theta: Tensor | None = None
+        self._hidden: Hidden | None = None
+        self.n_unrolls = 0
+        self.skipped = 0
+
+    # -- data ------------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(UnrollChunks(self.train_streams, hp.unroll, hp.segment), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader([0], batch_size=None)  # one "batch": validation reads the whole slice itself
+
+    # -- the inner loop ----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.dyn = self.dyn.to(self.device)
+        self.rule.dyn = self.dyn
+        self.lm.eval()
+        if self.device.type == "cuda" and self.lm.kernel == "fused":
+            self.print("meta: cuDNN's LSTM has no double backward and no backward in eval mode: the inner loop "
+                       "runs with cuDNN disabled (ATen LSTM kernel)")
+
+    def on_train_epoch_start(self) -> None:
+        self._theta, self._hidden = None, None  # a new pass over the stream starts from θ_0
+
+    def _inner(self, theta: Tensor, hidden: Hidden, x: Tensor, y: Tensor) -> tuple[Tensor, Hidden, Tensor, Tensor]:
+        """One checkpointable step: (θ_t, hidden, summed token loss, EWC penalty of θ_t)."""
+        hp = self.hparams
+        theta, hidden, lsum = inner_step(self.lm, self.rule, self.dyn.spec, theta, hidden, x, y, hp.order == 2)
+        pen = theta.new_zeros(())
+        if hp.ewc_lambda:  # λ/2 Σ F (θ_t − θ_0)², as fisher.ewc_penalty, on the flat vector
+            pen = 0.5 * hp.ewc_lambda * (self.dyn.fisher * (theta - self.dyn.theta0).square()).sum()
+        return theta, hidden, lsum, pen
+
+    def unroll(self, chunk: Tensor, first_seg: int, theta: Tensor, hidden: Hidden) -> tuple[Tensor, Tensor, Hidden, int]:
+        """`unroll` inner steps over chunk [B, U·M+1]: (meta-loss, θ_U, hidden, tokens scored)."""
+        hp = self.hparams
+        total, n_tok = theta.new_zeros(()), 0
+        for k in range(hp.unroll):
+            x = chunk[:, k * hp.segment : (k + 1) * hp.segment]
+            y = chunk[:, k * hp.segment + 1 : (k + 1) * hp.segment + 1]
+            if self.reset_mask is not None:
+                m = self.reset_mask[:, first_seg + k].to(theta.device)
+                if bool(m.any()):  # an article starts in this segment: θ ← θ_0 for those streams
+                    theta = self.dyn.theta0.clone() if theta.dim() == 1 else torch.where(
+                        m[:, None], self.dyn.theta0, theta)
+            if hp.checkpointing:
+                theta, hidden, lsum, pen = checkpoint(self._inner, theta, hidden, x, y, use_reentrant=False)
+            else:
+                theta, hidden, lsum, pen = self._inner(theta, hidden, x, y)
+            total = total + lsum + pen * x.size(1)  # the penalty counts once per step, like L_t
+            n_tok += y.numel()
+        return total / n_tok, theta, hidden, n_tok
+
+    def initial_state(self, batch: int) -> tuple[Tensor, Hidden]:
+        theta = self.dyn.theta0.clone() if batch == 1 else self.dyn.theta0.expand(batch, -1).clone()
+        return theta, self.lm.init_hidden(batch)
+
+    def training_step(self, batch: tuple[Tensor, int], batch_idx: int) -> Tensor:
+        chunk, first_seg = batch
+        hp = self.hparams
+        if self._theta is None or (hp.reset_every and self.n_unrolls % hp.reset_every == 0):
+            theta, hidden = self.initial_state(chunk.size(0))
+            hidden = hidden if self._hidden is None else self._hidden
+        else:
+            theta, hidden = self._theta, self._hidden
+        t0 = time.perf_counter()
+        loss, theta, hidden, n_tok = self.unroll(chunk, int(first_seg), theta, hidden)
+        opt = self.optimizers()
+        opt.zero_grad()
+        ok = bool(torch.isfinite(loss))
+        if ok:
+            self.manual_backward(loss)
+            grads = [p.grad for p in self.meta.parameters() if p.grad is not None]
+            ok = all(bool(torch.isfinite(g).all()) for g in grads)
+        if ok:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.meta.parameters(), hp.clip or float("inf"))
+            opt.step()
+            self.log("train/grad_norm", gnorm, on_step=True)
+        else:  # NaN/inf guard: drop this update, restart the weights from θ_0
+            self.skipped += 1
+            opt.zero_grad()
+            self.print(f"meta: non-finite meta-loss or gradient at step {self.global_step}, update skipped "
+                       f"({self.skipped} so far); θ reset to θ_0")
+            theta, _ = self.initial_state(chunk.size(0))
+        self._theta, self._hidden = theta.detach(), detach_hidden(hidden)
+        if not bool(torch.isfinite(self._theta).all()):
+            self._theta = None
+        self.n_unrolls += 1
+        g = self.meta.last_gates
+        self.log_dict({"train/meta_loss": loss.detach(), "train/ppl": torch.exp(loss.detach().clamp(max=50)),
+                       "train/skipped": float(self.skipped), "train/tokens_per_s": n_tok / (time.perf_counter() - t0),
+                       "gates/f": g.get("f", 1.0), "gates/i": g.get("i", 0.0), "gates/z": g.get("z", 0.0)},
+                      prog_bar=False, on_step=True)
+        self.log("meta_loss", loss.detach(), prog_bar=True, logger=False)
+        return loss.detach()
+
+    # -- validation: adaptive evaluation of the current φ -----------------------------------------------
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss = self.adaptive_loss()
+        self.log_dict({"val/adaptive_loss": loss, "val/adaptive_ppl": math.exp(min(loss, 50.0))}, prog_bar=True,
+                      batch_size=1)
+
+    def adaptive_loss(self) -> float:
+        """Mean token loss of adaptive evaluation (batch 1, score then update) on the validation slice."""
+        with torch.no_grad():
+            losses = adaptive_eval(self.lm, self.val_tokens, self.rule, self.hparams.segment, self.dyn)
+        return float(losses.mean())
+
+    # -- optimizer and checkpoint content -------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        return torch.optim.Adam(self.meta.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("lm.")}
+        checkpoint["dynamic_names"] = list(self.dyn.spec.names)
+        checkpoint["n_unrolls"] = self.n_unrolls
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.n_unrolls = int(checkpoint.get("n_unrolls", 0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading a trained meta-learner (for evaluate.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_meta(path: str | Path, lm_sha256: str | None = None) -> tuple[MetaLearner, dict[str, Any]]:
+    """φ from a `meta.ckpt` (eval mode) and its hyperparameters (gate, dynamic selection, provenance)."""
+    path = Path(path)
+    require(path.is_file(), f"no meta-learner checkpoint at {path}; run `python train.py stage=meta` first")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        hp = dict(ck["hyper_parameters"])
+        meta = build_meta_learner(hp["gate"], len(ck["dynamic_names"]))
+        meta.load_state_dict({k[len("meta."):]: v for k, v in ck["state_dict"].items() if k.startswith("meta.")})
+    except Exception as e:
+        raise DynlmError(f"meta-learner checkpoint {path} cannot be read ({type(e).__name__}); rerun "
+                         "`python train.py stage=meta`") from None
+    prov = hp.get("provenance") or {}
+    require(lm_sha256 is None or prov.get("lm_sha256") == lm_sha256,
+            f"{path} was meta-trained on another lm.ckpt; rerun `python train.py stage=meta`")
+    hp["dynamic_names"] = list(ck["dynamic_names"])
+    return meta.eval(), hp
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_fisher_optional(out: Path, lm_sha: str) -> Any | None:
+    path = out / "fisher.pt"
+    if not path.is_file():
+        return None
+    from dynlm_pl.fisher import load_fisher  # lazy: only when the artifact is there
+
+    return load_fisher(path, lm_sha256=lm_sha)
+
+
+def gate_config(cfg: DictConfig, has_fisher: bool) -> dict[str, Any]:
+    """cfg.gate as a dict; features needing fisher.pt are dropped (with a note) when it is absent."""
+    gate = OmegaConf.to_container(cfg.gate, resolve=True)
+    if gate.get("param") == "krause":
+        require(has_fisher, "gate=krause_init starts from Krause's RMS rule, which needs his gradient statistics "
+                "from fisher.pt: run `python train.py stage=fisher` first (or use gate=paper)")
+    if not has_fisher:
+        drop = [f for f in gate.get("features", []) if f in ("fisher", "rms")]
+        if drop:
+            print(f"[meta] no fisher.pt in the run directory: meta-learner features {drop} disabled "
+                  "(run `python train.py stage=fisher` to use them)")
+            gate["features"] = [f for f in gate["features"] if f not in drop]
+    return gate
+
+
+def baselines(lm: AWDLSTM, dyn: DynamicWeights, tokens: Tensor, cfg: DictConfig,
+              gate: dict[str, Any]) -> dict[str, float]:
+    """Validation-slice loss of static, SGD and (with ms) Krause's RMS rule: what φ must beat."""
+    m, b = cfg.meta, cfg.meta.baseline
+    rules = {"static": StaticRule(), "sgd": SGDRule(float(b.sgd_lr))}
+    if dyn.ms is not None:  # gate=krause_init: the very rule φ starts from
+        src = gate if gate.get("param") == "krause" else {"lr": b.rms_lr, "lamb": b.rms_lamb, "eps": b.rms_eps}
+        rules["rms"] = RMSRule(dyn, float(src["lr"]), float(src["lamb"]), float(src["eps"]))
+    return {k: float(adaptive_eval(lm, tokens, r, int(m.segment), dyn).mean()) for k, r in rules.items()}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """`python train.py stage=meta unroll=40`: meta-train φ, write `<run_dir>/meta.ckpt` (best by val)."""
+    out = run_dir(cfg)
+    m = cfg.meta
+    L.seed_everything(cfg.seed, workers=True)
+    dm = make_datamodule(cfg)
+    corpus = dm.load()
+    lm_path = out / "lm.ckpt"
+    lm, lm_hp = load_lm(lm_path)
+    check_same_data(lm_hp, corpus.vocab_hash, f"the LM in {lm_path}")
+    lm_sha = file_sha256(lm_path)
+    art = load_fisher_optional(out, lm_sha)
+    gate = gate_config(cfg, art is not None)
+    unroll, segment, streams = int(cfg.unroll), int(m.segment), int(m.streams)
+    require(unroll >= 1 and segment >= 1 and streams >= 1, "unroll, meta.segment and meta.streams must be >= 1")
+    if streams > 1 and lm.kernel == "fused":
+        print("[meta] meta.streams > 1 keeps one θ per stream through vmap: switching the LM to kernel=manual "
+              "(same weights, same numbers)")
+        lm.kernel = "manual"
+    dyn = DynamicWeights.build(lm, list(m.dynamic.include), list(m.dynamic.exclude), art)
+    print(f"[meta] {len(dyn.spec.names)} dynamic tensors, {dyn.spec.numel:,} coordinates; gate={gate['param']}, "
+          f"unroll={unroll}, segment={segment}, streams={streams}, order={m.order}, "
+          f"checkpointing={m.checkpointing}, fisher.pt={'yes' if art is not None else 'no'}")
+    train = batchify(corpus.splits["train"], streams)
+    reset_mask = None
+    if m.reset_at_articles:
+        reset_mask = article_reset_mask(corpus.articles["train"], streams, train.size(1), segment)
+    val = corpus.splits["valid"]
+    val = val[: int(m.val_tokens)] if m.val_tokens else val
+    module = MetaTrainModule(
+        lm, dyn, gate, segment=segment, unroll=unroll, order=int(m.order), checkpointing=bool(m.checkpointing),
+        reset_every=int(m.reset_every), ewc_lambda=float(m.ewc_lambda), lr=float(m.optim.lr),
+        weight_decay=float(m.optim.weight_decay), clip=float(m.optim.clip), train_streams=train,
+        reset_mask=reset_mask, val_tokens=val,
+        provenance={"lm_sha256": lm_sha, "fisher_sha256": file_sha256(out / "fisher.pt") if art else None,
+                    "data_source": corpus.source, "vocab_hash": corpus.vocab_hash,
+                    "dynamic": OmegaConf.to_container(m.dynamic, resolve=True)})
+    t0 = time.time()
+    base = baselines(lm, dyn, val, cfg, gate)
+    init = module.adaptive_loss()
+    print("[meta] validation slice (" + f"{val.numel()} tokens) ppl: "
+          + ", ".join(f"{k} {math.exp(v):.2f}" for k, v in base.items()) + f", meta@init {math.exp(init):.2f}")
+    ckdir = out / "checkpoints" / "meta"
+    ckpt = ModelCheckpoint(dirpath=ckdir, filename="meta-best", monitor="val/adaptive_loss", mode="min",
+                           save_last=True, save_top_k=1, enable_version_counter=False)
+    trainer = make_trainer(cfg, m.get("trainer"), callbacks=[ckpt], max_epochs=-1, max_steps=int(m.steps),
+                           max_time=m.get("max_time"), val_check_interval=int(m.val_every),
+                           check_val_every_n_epoch=None, limit_val_batches=1)
+    resume = ckdir / "last.ckpt"
+    trainer.fit(module, ckpt_path=str(resume) if cfg.get("resume") and resume.is_file() else None)
+    if trainer.interrupted:
+        raise DynlmError("meta-training was interrupted; rerun with resume=true to continue from last.ckpt")
+    best = ckpt.best_model_path or ckpt.last_model_path
+    require(bool(best), "meta-training ended without a checkpoint (no validation ran); lower meta.val_every "
+            "below meta.steps")
+    atomic_copy(best, out / "meta.ckpt")
+    if ckpt.last_model_path:
+        atomic_copy(ckpt.last_model_path, out / "meta-last.ckpt")
+    score = ckpt.best_model_score
+    best_loss = float(score) if score is not None else math.nan
+    res = {"val_ppl": math.exp(best_loss) if best_loss == best_loss else math.nan,
+           "val_ppl_init": math.exp(init), **{f"val_ppl_{k}": math.exp(v) for k, v in base.items()},
+           "steps": trainer.global_step, "skipped": module.skipped, "seconds": time.time() - t0}
+    print(f"[meta] best val adaptive ppl {res['val_ppl']:.2f} (init {res['val_ppl_init']:.2f}, static "
+          f"{res['val_ppl_static']:.2f}); wrote {out / 'meta.ckpt'} in {res['seconds']:.0f}s")
+    return res

@@ -1,0 +1,149 @@
+"""Every shipped preset composes, and those that can run on this CPU train a few steps of stage=lm.
+
+Presets are discovered from conf/ so a new yaml file is tested without editing this file.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from conftest import CONF_DIR, compose_config
+from omegaconf import DictConfig, OmegaConf
+
+from dynlm_pl.common import make_loggers
+from dynlm_pl.systems import lm as lm_mod
+
+
+def presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+ALL_PRESETS = [(g, name) for g in GROUPS for name in presets(g)]
+# Small runs: a few windows of a few tokens, a tiny synthetic corpus unless WikiText-2 is the point.
+TINY = ["debug=fast", "data.batch_size=2", "data.eval_batch_size=2", "data.bptt=8"]
+TINY_SYNTHETIC = [*TINY, "data.synthetic.articles={train: 6, valid: 2, test: 2}",
+                  "data.synthetic.article_len=120"]
+
+
+def test_groups_discovered() -> None:
+    # Guard against a silently empty parametrization (e.g. conf/ moved).
+    assert {"experiment", "model", "data", "trainer", "logger", "debug", "stage", "gate"} <= set(GROUPS)
+    assert {"smoke", "cpu", "paper"} <= set(presets("experiment"))
+
+
+def _resolve_all(cfg: DictConfig) -> None:
+    """Resolve every interpolation outside Hydra's own node (typos in ${...} fail here)."""
+    for key in cfg:
+        if key != "hydra":
+            node = cfg[key]
+            if OmegaConf.is_config(node):
+                OmegaConf.to_container(node, resolve=True)
+
+
+def _check_target(node: DictConfig) -> None:
+    """`_target_` names an importable callable (instantiation itself may need a GPU or a package)."""
+    if OmegaConf.is_dict(node) and "_target_" in node:
+        assert callable(hydra.utils.get_object(node._target_)), node._target_
+
+
+@pytest.mark.parametrize(("group", "name"), ALL_PRESETS, ids=[f"{g}={n}" for g, n in ALL_PRESETS])
+def test_preset_composes(group: str, name: str, compose_cfg) -> None:
+    cfg = compose_cfg([f"{group}={name}"])
+    _resolve_all(cfg)
+    assert Path(cfg.paths.run_dir).parent == Path(cfg.paths.root)
+    for node in (cfg.data, cfg.model, cfg.trainer):
+        _check_target(node)
+    for node in (cfg.get("logger") or {}).values():
+        _check_target(node)
+    if group == "experiment":
+        assert cfg.name == name, "each experiment needs its own run directory (runs/<name>/)"
+    if group == "stage":
+        assert cfg.stage == name
+
+
+def _run_lm(cfg: DictConfig) -> dict:
+    metrics = lm_mod.run(cfg)
+    assert (Path(cfg.paths.run_dir) / "lm.ckpt").is_file()
+    assert math.isfinite(metrics["val_ppl"])
+    return metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", presets("model"))
+def test_model_preset_trains(model: str, compose_cfg) -> None:
+    """Each model preset (awd_lstm at full width) trains a few steps on the synthetic corpus."""
+    cfg = compose_cfg(["experiment=smoke", f"model={model}", *TINY_SYNTHETIC])
+    _run_lm(cfg)
+
+
+def _cpu_trainer(name: str, tmp_path: Path) -> bool:
+    cfg = compose_config([f"trainer={name}"], tmp_path)
+    return cfg.trainer.accelerator == "cpu" or torch.cuda.is_available()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", presets("trainer"))
+def test_trainer_preset_trains(trainer: str, compose_cfg, tmp_path: Path) -> None:
+    if not _cpu_trainer(trainer, tmp_path):
+        pytest.skip(f"trainer={trainer} needs a GPU (composes: see test_preset_composes)")
+    cfg = compose_cfg(["experiment=smoke", f"trainer={trainer}", *TINY_SYNTHETIC])
+    _run_lm(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", presets("logger"))
+def test_logger_preset_trains(logger: str, compose_cfg, tmp_path: Path) -> None:
+    if logger == "tensorboard":
+        pytest.importorskip("tensorboard", reason="logger=tensorboard needs `pip install tensorboard`")
+    cfg = compose_cfg(["experiment=smoke", f"logger={logger}", *TINY_SYNTHETIC])
+    loggers = make_loggers(cfg)
+    assert len(loggers) == len([k for k in (cfg.get("logger") or {})])
+    _run_lm(cfg)
+    if "csv" in (cfg.get("logger") or {}):
+        assert list((tmp_path / "smoke" / "logs").rglob("metrics.csv")), "the CSV logger wrote no metrics"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", presets("experiment"))
+def test_experiment_preset_trains(experiment: str, compose_cfg, tmp_path: Path, request) -> None:
+    cfg = compose_cfg([f"experiment={experiment}"])
+    overrides = [f"experiment={experiment}", *TINY]
+    if cfg.data.source == "wikitext2":
+        root = request.getfixturevalue("wikitext_root")  # skips with a reason when absent
+        overrides += [f"data.root={root}", "data.download=false"]
+    else:
+        overrides += TINY_SYNTHETIC[len(TINY):]
+    if not _cpu_trainer(cfg.hydra.runtime.choices.trainer, tmp_path):
+        overrides.append("trainer=default")  # the paper's GPU trainer, checked for composition only
+    cfg = compose_cfg(overrides)
+    metrics = _run_lm(cfg)
+    assert Path(cfg.paths.run_dir).name == experiment
+    if cfg.data.source == "wikitext2":  # the real data at full vocabulary went through the model
+        ckpt = torch.load(Path(cfg.paths.run_dir) / "lm.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["hyper_parameters"]["vocab_size"] == 33_278
+        assert metrics["val_ppl"] > 100
+
+
+@pytest.mark.parametrize("stage", [s for s in presets("stage") if s != "lm"])
+def test_other_stage_presets_name_a_known_stage(stage: str, compose_cfg) -> None:
+    from dynlm_pl.stages import PIPELINE, STAGES
+
+    cfg = compose_cfg([f"stage={stage}"])
+    assert cfg.stage == "all" or cfg.stage in STAGES
+    assert set(PIPELINE) <= set(STAGES)
+
+
+@pytest.mark.parametrize("experiment", presets("experiment"))
+def test_debug_fast_limits_every_experiment(experiment: str, compose_cfg) -> None:
+    """debug=fast must win over an experiment's own stage-lm trainer settings (lm.trainer is merged
+    over trainer), or e.g. experiment=cpu validated 100 batches after every training batch."""
+    cfg = compose_cfg([f"experiment={experiment}", "debug=fast"])
+    eff = OmegaConf.merge(cfg.trainer, cfg.lm.get("trainer") or {})
+    assert eff.max_epochs == 1
+    assert eff.limit_train_batches <= 3 and eff.limit_val_batches <= 2
+    assert eff.val_check_interval in (None, 1.0)
