@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from dynlm_pl.errors import require
@@ -248,22 +249,34 @@ class GateRule(Rule):
 
 
 def inner_step(model: AWDLSTM, rule: Rule, spec: DynamicSpec, theta: Tensor, hidden: Hidden, x: Tensor,
-               y: Tensor, second_order: bool = False) -> tuple[Tensor, Hidden, Tensor]:
+               y: Tensor, second_order: bool = False, checkpointing: bool = False) -> tuple[Tensor, Hidden, Tensor]:
     """Score x -> y with θ_{t-1}, take ∇L_t, apply the rule: (θ_t, hidden, summed token loss).
 
     L_t is the mean token loss of each stream (summed over streams, so each stream's gradient is its
     own). First order: ∇L_t (and the L_t feature) are constants to the meta-gradient; second order:
     `create_graph` keeps their dependence on earlier gates.
+
+    `checkpointing`: the LM's forward and the rule are two non-reentrant checkpoint regions, recomputed
+    in backward, so the step keeps about θ_{t-1} and ∇L_t (2P floats) instead of its graph. ∇L_t is
+    taken between them: an autograd.grad *inside* a checkpointed region makes torch keep that region's
+    recomputed tensors alive (measured: half the savings lost).
     """
     if not theta.requires_grad:  # fresh θ (start, reset, or detached at an unroll boundary)
         theta = theta.detach().requires_grad_(True)
-    losses, hidden = score(model, spec, theta, x, y, hidden)  # [B, T]
+    if checkpointing:
+        losses, hidden = checkpoint(score, model, spec, theta, x, y, hidden, use_reentrant=False)
+    else:
+        losses, hidden = score(model, spec, theta, x, y, hidden)  # [B, T]
     per_stream = losses.mean(1)  # [B]
     (grad,) = torch.autograd.grad(per_stream.sum(), theta, retain_graph=True, create_graph=second_order)
     feat = per_stream if theta.dim() == 2 else per_stream.mean()
     if not second_order:
         grad, feat = grad.detach(), feat.detach()
-    return rule.update(theta, grad, feat), hidden, losses.sum()
+    if checkpointing:
+        new = checkpoint(rule.update, theta, grad, feat, use_reentrant=False)
+    else:
+        new = rule.update(theta, grad, feat)
+    return new, hidden, losses.sum()
 
 
 def segments(n: int, segment: int) -> list[tuple[int, int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -297,16 +298,22 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def test_checkpointing_cuts_peak_memory_at_unroll_40() -> None:
-    """Peak RSS above the set-up baseline, each variant in a fresh process (maxrss never goes down)."""
+    """Peak RSS above the set-up baseline, each variant in a fresh process (maxrss never goes down).
+
+    A fixed glibc mmap threshold makes freed tensors go back to the OS, so RSS follows live memory
+    (otherwise the adaptive threshold keeps freed per-step temporaries in the heap and blurs it).
+    """
     res = {}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for ck in ("0", "1"):
         out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, ck], capture_output=True, text=True,
-                             cwd=REPO, timeout=300)
+                             cwd=REPO, timeout=300, env=env)
         assert out.returncode == 0, out.stderr[-2000:]
         res[ck] = json.loads(out.stdout.strip().splitlines()[-1])
     assert torch.allclose(torch.tensor(res["0"]["grad"]), torch.tensor(res["1"]["grad"]), rtol=1e-4, atol=1e-7)
-    # ~130k coordinates × ~75 floats of graph per step × 40 steps ≈ 1.5 GB without; one θ per step with.
-    assert res["1"]["extra_kb"] < 0.3 * res["0"]["extra_kb"], res
+    # ~130k coordinates × ~50 floats of graph per step × 40 steps ≈ 1 GB without; θ and ∇L per step with
+    # (measured 117 MB vs 1043 MB).
+    assert res["1"]["extra_kb"] < 0.25 * res["0"]["extra_kb"], res
 
 
 # ----------------------------------------------------------------------------------------------------

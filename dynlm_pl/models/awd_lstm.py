@@ -98,8 +98,9 @@ class AWDLSTM(nn.Module):
         super().__init__()
         if kernel not in ("fused", "manual"):
             raise ValueError(f"kernel must be 'fused' or 'manual', got {kernel!r}")
-        self.vocab_size, self.emb_size, self.hidden_size, self.num_layers = vocab_size, emb_size, hidden_size, num_layers
-        self.dropout, self.dropouth, self.dropouti, self.dropoute, self.wdrop = dropout, dropouth, dropouti, dropoute, wdrop
+        self.vocab_size, self.emb_size, self.hidden_size = vocab_size, emb_size, hidden_size
+        self.num_layers, self.wdrop = num_layers, wdrop
+        self.dropout, self.dropouth, self.dropouti, self.dropoute = dropout, dropouth, dropouti, dropoute
         self.kernel = kernel
         self.encoder = nn.Embedding(vocab_size, emb_size)
         sizes = [emb_size] + [hidden_size] * (num_layers - 1) + [emb_size]

@@ -27,6 +27,7 @@ Gate parametrizations (`param`):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -73,7 +74,7 @@ class MetaLearner(nn.Module):
         self.lr, self.lamb, self.eps, self.clamp = lr, lamb, eps, clamp
         width = sum(FEATURE_WIDTH[f] for f in features)
         sizes = [width, *hidden]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.act = ACTIVATIONS[activation]()
         self.out = nn.Linear(sizes[-1], 3)  # (o_f, o_i, o_z)
         self.embed = nn.Embedding(n_tensors, embed_dim) if embed_dim > 0 else None

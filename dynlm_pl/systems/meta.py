@@ -113,16 +113,12 @@ class MetaTrainModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._theta, self._hidden = None, None  # a new pass over the stream starts from θ_0
 
-    def _inner(self, theta: Tensor, hidden: Hidden, x: Tensor, y: Tensor) -> tuple[Tensor, Hidden, Tensor, Tensor]:
-        """One checkpointable step: (θ_t, hidden, summed token loss, EWC penalty of θ_t)."""
-        hp = self.hparams
-        theta, hidden, lsum = inner_step(self.lm, self.rule, self.dyn.spec, theta, hidden, x, y, hp.order == 2)
-        pen = theta.new_zeros(())
-        if hp.ewc_lambda:  # λ/2 Σ F (θ_t − θ_0)², as fisher.ewc_penalty, on the flat vector
-            pen = 0.5 * hp.ewc_lambda * (self.dyn.fisher * (theta - self.dyn.theta0).square()).sum()
-        return theta, hidden, lsum, pen
+    def _penalty(self, theta: Tensor) -> Tensor:
+        """EWC: λ/2 Σ F (θ_t − θ_0)², as fisher.ewc_penalty, on the flat vector."""
+        return 0.5 * self.hparams.ewc_lambda * (self.dyn.fisher * (theta - self.dyn.theta0).square()).sum()
 
-    def unroll(self, chunk: Tensor, first_seg: int, theta: Tensor, hidden: Hidden) -> tuple[Tensor, Tensor, Hidden, int]:
+    def unroll(self, chunk: Tensor, first_seg: int, theta: Tensor,
+               hidden: Hidden) -> tuple[Tensor, Tensor, Hidden, int]:
         """`unroll` inner steps over chunk [B, U·M+1]: (meta-loss, θ_U, hidden, tokens scored)."""
         hp = self.hparams
         total, n_tok = theta.new_zeros(()), 0
@@ -134,11 +130,13 @@ class MetaTrainModule(L.LightningModule):
                 if bool(m.any()):  # an article starts in this segment: θ ← θ_0 for those streams
                     theta = self.dyn.theta0.clone() if theta.dim() == 1 else torch.where(
                         m[:, None], self.dyn.theta0, theta)
-            if hp.checkpointing:
-                theta, hidden, lsum, pen = checkpoint(self._inner, theta, hidden, x, y, use_reentrant=False)
-            else:
-                theta, hidden, lsum, pen = self._inner(theta, hidden, x, y)
-            total = total + lsum + pen * x.size(1)  # the penalty counts once per step, like L_t
+            theta, hidden, lsum = inner_step(self.lm, self.rule, self.dyn.spec, theta, hidden, x, y,
+                                             hp.order == 2, hp.checkpointing)
+            total = total + lsum
+            if hp.ewc_lambda:  # counts once per step, like L_t (the total is divided by tokens)
+                pen = checkpoint(self._penalty, theta, use_reentrant=False) if hp.checkpointing else \
+                    self._penalty(theta)
+                total = total + pen * y.numel()
             n_tok += y.numel()
         return total / n_tok, theta, hidden, n_tok
 

@@ -1,0 +1,131 @@
+"""evaluate.py: methods under one protocol, per-article aggregation, outputs on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from dynlm_pl import evaluation, report
+from dynlm_pl.dynamic import DynamicWeights, SGDRule, adaptive_eval
+from dynlm_pl.errors import DynlmError
+from dynlm_pl.systems import fisher as fisher_stage
+from dynlm_pl.systems import lm as lm_stage
+from dynlm_pl.systems.lm import load_lm
+
+# A small corpus and short grids: the point is the protocol and the outputs, not the tuning.
+OVERRIDES = [
+    "experiment=smoke", "data.synthetic.articles={train:60,valid:3,test:3}", "data.synthetic.article_len=150",
+    "lm.trainer.max_epochs=4", "trainer.enable_progress_bar=false", "fisher.tokens=2000", "fisher.batch_size=4",
+    "eval.tune.tokens=400", "eval.tune.sgd_lr=[0.01,0.03]", "eval.tune.rms_lr=[2e-5,1e-4]",
+    "eval.tune.rms_lamb=[0.0,0.002]", "eval.smooth=20", "eval.methods=[static,sgd,rms]",
+]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, dict, Path]:
+    from tests.conftest import compose_config
+
+    root = tmp_path_factory.mktemp("eval")
+    cfg = compose_config(OVERRIDES, root)
+    lm_stage.run(cfg)
+    fisher_stage.run(cfg)
+    res = evaluation.run(cfg)
+    return cfg, res, Path(cfg.paths.run_dir)
+
+
+def test_sgd_with_zero_lr_equals_static(evaluated: tuple[DictConfig, dict, Path]) -> None:
+    _, _, out = evaluated
+    lm, _ = load_lm(out / "lm.ckpt")
+    tokens = torch.randint(0, lm.vocab_size, (203,))
+    static = evaluation.static_losses(lm, tokens, bptt=35)
+    sgd0 = adaptive_eval(lm, tokens, SGDRule(0.0), segment=5, dyn=DynamicWeights.build(lm)).view(-1)
+    assert static.shape == sgd0.shape == (202,)
+    torch.testing.assert_close(sgd0, static, atol=1e-5, rtol=1e-5)
+
+
+def test_per_article_aggregates_to_global(evaluated: tuple[DictConfig, dict, Path]) -> None:
+    _, res, out = evaluated
+    losses = np.load(out / "losses-test.npz")
+    from dynlm_pl.data import synthetic_corpus
+
+    cfg, _, _ = evaluated
+    articles = synthetic_corpus(**cfg.data.synthetic).articles["test"]
+    for m in ("static", "sgd", "rms"):
+        rows = report.per_article(losses[m].astype(np.float64), articles)
+        assert sum(r["tokens"] for r in rows) == losses[m].size == res["splits"]["test"][m]["tokens"]
+        weighted = sum(r["tokens"] * math.log(r["ppl"]) for r in rows) / sum(r["tokens"] for r in rows)
+        assert math.exp(weighted) == pytest.approx(res["splits"]["test"][m]["ppl"], rel=1e-5)
+
+
+def test_results_json_fields(evaluated: tuple[DictConfig, dict, Path]) -> None:
+    _, _, out = evaluated
+    r = json.loads((out / "results.json").read_text())
+    assert r["protocol"]["segment"] == 5 and r["protocol"]["streams"] == 1
+    assert set(r["checkpoints"]) >= {"lm.ckpt", "fisher.pt"}
+    assert all(len(h) == 64 for h in r["checkpoints"].values())
+    assert set(r["splits"]) == {"valid", "test"}
+    for split in ("valid", "test"):
+        assert set(r["splits"][split]) == {"static", "sgd", "rms"}
+        for v in r["splits"][split].values():
+            assert set(v) >= {"ppl", "loss", "tokens", "tokens_per_s", "seconds", "hparams"}
+            assert math.exp(v["loss"]) == pytest.approx(v["ppl"])
+            assert v["tokens"] > 0 and v["tokens_per_s"] > 0
+        assert set(r["splits"][split]["rms"]["hparams"]) == {"lr", "lamb", "eps"}
+    assert "| method |" in (out / "results.md").read_text()
+    tuned = json.loads((out / "tuned.json").read_text())
+    assert set(tuned["best"]) == {"sgd", "rms"} and len(tuned["best"]["rms"]["trials"]) == 4
+
+
+def test_plots_and_html_written(evaluated: tuple[DictConfig, dict, Path]) -> None:
+    _, _, out = evaluated
+    for name in ("gain-test.png", "articles-test.png", "tokens-test.html", "gain-valid.png"):
+        p = out / "plots" / name
+        assert p.is_file() and p.stat().st_size > 1000, name
+    assert (out / "plots" / "gain-test.png").read_bytes()[:4] == b"\x89PNG"
+    html = (out / "plots" / "tokens-test.html").read_text()
+    assert html.count("<section>") == 3 and "rgba(" in html
+    rows = (out / "articles-test.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and rows[0].startswith("article,title,tokens,ppl_static")
+
+
+def test_adaptive_methods_beat_static_on_synthetic(evaluated: tuple[DictConfig, dict, Path]) -> None:
+    _, res, _ = evaluated
+    for split in ("valid", "test"):
+        r = res["splits"][split]
+        assert r["sgd"]["ppl"] < r["static"]["ppl"]
+        assert r["rms"]["ppl"] < r["static"]["ppl"]
+
+
+def test_tuned_baselines_are_reused(evaluated: tuple[DictConfig, dict, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, _, _ = evaluated
+
+    def no_tuning(*a: object, **k: object) -> None:
+        raise AssertionError("tuned.json should have been reused")
+
+    monkeypatch.setattr(evaluation, "tune", no_tuning)
+    cfg2 = cfg.copy()
+    cfg2.eval.splits = ["valid"]
+    res = evaluation.run(cfg2)
+    assert res["splits"]["valid"]["sgd"]["ppl"] > 0
+
+
+def test_textfile_unknown_words_and_bad_method(evaluated: tuple[DictConfig, dict, Path], tmp_path: Path) -> None:
+    cfg, _, _ = evaluated
+    bad = cfg.copy()
+    bad.eval.methods = ["static", "nope"]
+    with pytest.raises(DynlmError, match="unknown"):
+        evaluation.run(bad)
+    # The synthetic vocabulary has no <unk>: a file of unseen words cannot be read, and says so.
+    text = tmp_path / "t.txt"
+    text.write_text(" = A = \n\n zzz yyy w1 \n")
+    tf = cfg.copy()
+    tf.data.source, tf.eval.methods = "textfile", ["static"]
+    tf.data.path = str(text)
+    with pytest.raises(DynlmError, match="no <unk>"):
+        evaluation.run(tf)
