@@ -66,9 +66,13 @@ def main() -> None:
     args = ap.parse_args()
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    rows = []
+    rows: list[tuple[int, bool, dict]] = []
+    oom_at: dict[bool, int] = {}
     for unroll in args.unrolls:
         for ck in (True, False):
+            if ck in oom_at:  # memory grows with unroll: a larger one cannot fit either
+                rows.append((unroll, ck, {"status": f"OOM (skipped: already OOM at unroll {oom_at[ck]})"}))
+                continue
             t = time.time()
             out = subprocess.run([sys.executable, "-c", CHILD, str(unroll), "1" if ck else "0", str(args.steps),
                                   str(args.threads), str(int(args.mem_cap_gb * 2**30))],
@@ -76,6 +80,8 @@ def main() -> None:
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
             r = json.loads(lines[-1]) if lines else {"status": f"crashed (rc {out.returncode})"}
             rows.append((unroll, ck, r))
+            if str(r.get("status", "")).startswith("OOM"):
+                oom_at[ck] = unroll
             print(f"# unroll {unroll} checkpointing {ck}: {r} ({time.time() - t:.0f}s wall)", file=sys.stderr,
                   flush=True)
     coords = next((r["coords"] for _, _, r in rows if "coords" in r), 0)

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, IterableDataset
 
-from dynlm_pl.common import atomic_copy, file_sha256, make_datamodule, make_trainer, run_dir
+from dynlm_pl.common import atomic_copy, atomic_torch_save, file_sha256, make_datamodule, make_trainer, run_dir
 from dynlm_pl.data import batchify
 from dynlm_pl.dynamic import (
     DynamicWeights,
@@ -274,9 +274,12 @@ def baselines(lm: AWDLSTM, dyn: DynamicWeights, tokens: Tensor, cfg: DictConfig,
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """`python train.py stage=meta unroll=40`: meta-train φ, write `<run_dir>/meta.ckpt` (best by val)."""
+    """`python train.py stage=meta unroll=40`: meta-train φ, write `<run_dir>/meta.ckpt` (best by val;
+    `meta_noflush.ckpt` with gate.flush=false), and `*-last.ckpt`."""
     out = run_dir(cfg)
     m = cfg.meta
+    if m.get("num_threads"):
+        torch.set_num_threads(int(m.num_threads))
     L.seed_everything(cfg.seed, workers=True)
     dm = make_datamodule(cfg)
     corpus = dm.load()
@@ -315,7 +318,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     init = module.adaptive_loss()
     print("[meta] validation slice (" + f"{val.numel()} tokens) ppl: "
           + ", ".join(f"{k} {math.exp(v):.2f}" for k, v in base.items()) + f", meta@init {math.exp(init):.2f}")
-    ckdir = out / "checkpoints" / "meta"
+    # φ at initialization is a candidate too: with gate=krause_init it IS Krause's rule, which meta.ckpt
+    # must never do worse than on the validation slice.
+    init_ckpt = {"hyper_parameters": dict(module.hparams), "dynamic_names": list(dyn.spec.names), "n_unrolls": 0,
+                 "state_dict": {f"meta.{k}": v.detach().clone() for k, v in module.meta.state_dict().items()}}
+    # Without FLUSH (gate.flush=false) the artifact is the two-level model evaluate.py calls meta_noflush.
+    art_name = "meta" if gate.get("flush", True) else "meta_noflush"
+    ckdir = out / "checkpoints" / art_name
     ckpt = ModelCheckpoint(dirpath=ckdir, filename="meta-best", monitor="val/adaptive_loss", mode="min",
                            save_last=True, save_top_k=1, enable_version_counter=False)
     trainer = make_trainer(cfg, m.get("trainer"), callbacks=[ckpt], max_epochs=-1, max_steps=int(m.steps),
@@ -328,14 +337,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     best = ckpt.best_model_path or ckpt.last_model_path
     require(bool(best), "meta-training ended without a checkpoint (no validation ran); lower meta.val_every "
             "below meta.steps")
-    atomic_copy(best, out / "meta.ckpt")
-    if ckpt.last_model_path:
-        atomic_copy(ckpt.last_model_path, out / "meta-last.ckpt")
     score = ckpt.best_model_score
     best_loss = float(score) if score is not None else math.nan
-    res = {"val_ppl": math.exp(best_loss) if best_loss == best_loss else math.nan,
+    if best_loss <= init:
+        atomic_copy(best, out / f"{art_name}.ckpt")
+    else:
+        print(f"[meta] no validation beat φ at initialization (best ppl {math.exp(min(best_loss, 50)):.2f} vs "
+              f"{math.exp(init):.2f}): {art_name}.ckpt keeps the initial φ")
+        best_loss = init
+        atomic_torch_save(init_ckpt, out / f"{art_name}.ckpt")
+    if ckpt.last_model_path:
+        atomic_copy(ckpt.last_model_path, out / f"{art_name}-last.ckpt")
+    res = {"val_ppl": math.exp(best_loss), "val_ppl_trained": math.exp(min(float(score), 50.0)) if score is not None
+           else math.nan,
            "val_ppl_init": math.exp(init), **{f"val_ppl_{k}": math.exp(v) for k, v in base.items()},
            "steps": trainer.global_step, "skipped": module.skipped, "seconds": time.time() - t0}
     print(f"[meta] best val adaptive ppl {res['val_ppl']:.2f} (init {res['val_ppl_init']:.2f}, static "
-          f"{res['val_ppl_static']:.2f}); wrote {out / 'meta.ckpt'} in {res['seconds']:.0f}s")
+          f"{res['val_ppl_static']:.2f}); wrote {out / f'{art_name}.ckpt'} in {res['seconds']:.0f}s")
     return res
