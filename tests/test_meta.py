@@ -335,7 +335,7 @@ def test_short_meta_training_lowers_validation_adaptive_loss(compose_cfg, tmp_pa
     with pytest.raises(Exception, match="stage=fisher"):
         meta_stage.run(cfg)
     # ... while gate=paper runs with the Fisher feature switched off.
-    cfg = compose_cfg(["experiment=smoke", "stage=meta", "unroll=5", "meta.steps=16", "meta.val_every=8",
+    cfg = compose_cfg(["experiment=smoke", "stage=meta", "gate=paper", "unroll=5", "meta.steps=16", "meta.val_every=8",
                        "meta.val_tokens=600", "meta.optim.lr=0.02", *SMALL_DATA])
     res = meta_stage.run(cfg)
     out = Path(cfg.paths.run_dir)
