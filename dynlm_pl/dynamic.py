@@ -238,7 +238,9 @@ class GateRule(Rule):
         self.gates, self.dyn = gates, dyn
 
     def update(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
-        f, i, z = self.gates(theta, grad, loss, self.dyn)
+        return self.combine(theta, grad, *self.gates(theta, grad, loss, self.dyn))
+
+    def combine(self, theta: Tensor, grad: Tensor, f: Tensor, i: Tensor, z: Tensor | None) -> Tensor:
         new = torch.addcmul(f * theta, i, grad)
         return new if z is None else new.addcmul(z, self.dyn.theta0)
 

@@ -89,8 +89,7 @@ class RecordingGateRule(GateRule):
             return torch.stack([t.mean() for t in g.expand_as(theta).split(sizes)])
 
         self.history.append(torch.stack([per_tensor(f), per_tensor(i), per_tensor(z_)]).cpu())
-        new = torch.addcmul(f * theta, i, grad)
-        return new if z is None else new.addcmul(z, self.dyn.theta0)
+        return self.combine(theta, grad, f, i, z)
 
 
 # ----------------------------------------------------------------------------------------------------

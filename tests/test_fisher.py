@@ -39,31 +39,10 @@ def tiny_tokens(n: int = 700, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def loop_empirical(model: AWDLSTM, tokens: torch.Tensor, n_tokens: int, batch: int, window: int,
-                   seed: int) -> dict[str, torch.Tensor]:
-    """The definition, one example at a time: each stream alone, its windows in order, hidden carried."""
-    streams = fisher_streams(tokens, n_tokens, batch, seed)
+def _sq_grad_sums(model: AWDLSTM, streams: torch.Tensor, window: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Σ over windows of the squared gradient of each window's mean loss (hidden carried), and the count."""
     sq = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in model.named_parameters()}
-    n = 0
-    for b in range(streams.size(0)):
-        hidden = model.init_hidden(1)
-        for x, y in StreamWindows(streams[b : b + 1], window):
-            model.zero_grad()
-            out = model(x, hidden)
-            lm_loss(out.logits, y).backward()
-            hidden = detach_hidden(out.hidden)
-            for k, p in model.named_parameters():
-                sq[k] += p.grad.double().square()
-            n += 1
-    return {k: v / n for k, v in sq.items()}
-
-
-def loop_batch_ms(model: AWDLSTM, tokens: torch.Tensor, n_tokens: int, batch: int, window: int,
-                  seed: int) -> dict[str, torch.Tensor]:
-    """Krause's gradstat: squared gradient of each mini-batch's mean loss, averaged over mini-batches."""
-    streams = fisher_streams(tokens, n_tokens, batch, seed)
-    sq = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in model.named_parameters()}
-    hidden, n = model.init_hidden(batch), 0
+    hidden, n = model.init_hidden(streams.size(0)), 0
     for x, y in StreamWindows(streams, window):
         model.zero_grad()
         out = model(x, hidden)
@@ -72,6 +51,22 @@ def loop_batch_ms(model: AWDLSTM, tokens: torch.Tensor, n_tokens: int, batch: in
         for k, p in model.named_parameters():
             sq[k] += p.grad.double().square()
         n += 1
+    return sq, n
+
+
+def loop_empirical(model: AWDLSTM, tokens: torch.Tensor, n_tokens: int, batch: int, window: int,
+                   seed: int) -> dict[str, torch.Tensor]:
+    """The definition, one example at a time: each stream alone, its windows in order, hidden carried."""
+    streams = fisher_streams(tokens, n_tokens, batch, seed)
+    per_stream = [_sq_grad_sums(model, streams[b : b + 1], window) for b in range(streams.size(0))]
+    n = sum(c for _, c in per_stream)
+    return {k: sum(sq[k] for sq, _ in per_stream) / n for k in per_stream[0][0]}
+
+
+def loop_batch_ms(model: AWDLSTM, tokens: torch.Tensor, n_tokens: int, batch: int, window: int,
+                  seed: int) -> dict[str, torch.Tensor]:
+    """Krause's gradstat: squared gradient of each mini-batch's mean loss, averaged over mini-batches."""
+    sq, n = _sq_grad_sums(model, fisher_streams(tokens, n_tokens, batch, seed), window)
     return {k: v / n for k, v in sq.items()}
 
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,24 @@ def static_losses(model: AWDLSTM, tokens: Tensor, grad_mode: bool = False) -> Te
     return torch.cat(out)
 
 
+def reference_dynamic_eval(model: AWDLSTM, tokens: Tensor, update: Callable[[AWDLSTM], None]) -> Tensor:
+    """Independent dynamic evaluation on a trainable copy: score a segment, backward its mean loss,
+    then `update(copy)` edits the parameters in place (under no_grad). Per-token losses [N-1]."""
+    ref = copy.deepcopy(model).requires_grad_(True)
+    hidden, want = ref.init_hidden(1), []
+    for s in range(0, tokens.numel() - 1, SEG):
+        x, y = tokens[s : s + SEG][None], tokens[s + 1 : s + 1 + SEG][None]
+        ref.zero_grad()
+        o = ref(x, hidden)
+        hidden = detach_hidden(o.hidden)
+        losses = lm_loss(o.logits, y, reduction="none")
+        losses.mean().backward()
+        with torch.no_grad():
+            update(ref)
+        want.append(losses.detach())
+    return torch.cat(want)
+
+
 def test_copy_gates_reproduce_static_losses(stream: tuple[Tensor, int]) -> None:
     tokens, vocab = stream
     model = tiny_lm(vocab)
@@ -115,20 +134,11 @@ def test_descent_gates_equal_plain_sgd(stream: tuple[Tensor, int]) -> None:
     dyn = DynamicWeights.build(model)
     got = adaptive_eval(model, tokens, GateRule(ConstGates(1.0, -lr, 0.0), dyn), SEG, dyn)[0]
     # Independent loop: a trainable copy, backward, p -= lr * grad.
-    ref = copy.deepcopy(model).requires_grad_(True)
-    hidden, want = ref.init_hidden(1), []
-    for s in range(0, tokens.numel() - 1, SEG):
-        x, y = tokens[s : s + SEG][None], tokens[s + 1 : s + 1 + SEG][None]
-        ref.zero_grad()
-        o = ref(x, hidden)
-        hidden = detach_hidden(o.hidden)
-        losses = lm_loss(o.logits, y, reduction="none")
-        losses.mean().backward()
-        with torch.no_grad():
-            for p in ref.parameters():
-                p -= lr * p.grad
-        want.append(losses.detach())
-    want = torch.cat(want)
+    def sgd(ref: AWDLSTM) -> None:
+        for p in ref.parameters():
+            p -= lr * p.grad
+
+    want = reference_dynamic_eval(model, tokens, sgd)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert (got - static_losses(model, tokens)).abs().max() > 1e-2  # SGD really changed something
 
@@ -147,30 +157,24 @@ def test_krause_init_matches_independent_krause(stream: tuple[Tensor, int]) -> N
     got_rms = adaptive_eval(model, tokens, RMSRule(dyn, lr, lamb, eps), SEG, dyn)[0]
 
     # Independent implementation, after Krause's dynamiceval.py (gradstat + evaluate), per tensor.
-    ref = copy.deepcopy(model).requires_grad_(True)
-    params = list(ref.named_parameters())
+    params = [(n, p.shape) for n, p in model.named_parameters()]
     rms = {n: art.ms[n].sqrt() for n, _ in params}
     gsum = sum(r.mean() for r in rms.values()) / len(rms)
     decrate = {n: torch.clamp(r / gsum, max=1 / lamb) for n, r in rms.items()}
     assert any(bool((r / gsum > 1 / lamb).any()) for r in rms.values())  # the clip is exercised
-    data0 = {n: p.detach().clone() for n, p in params}
-    hidden, want = ref.init_hidden(1), []
-    for s in range(0, tokens.numel() - 1, SEG):
-        x, y = tokens[s : s + SEG][None], tokens[s + 1 : s + 1 + SEG][None]
-        ref.zero_grad()
-        o = ref(x, hidden)
-        hidden = detach_hidden(o.hidden)
-        losses = lm_loss(o.logits, y, reduction="none")
-        losses.mean().backward()
-        with torch.no_grad():
-            for n, p in params:
-                p += lamb * decrate[n] * (data0[n] - p) - lr * p.grad / (rms[n] + eps)
-        want.append(losses.detach())
-    want = torch.cat(want)
+    data0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_final: dict[str, Tensor] = {}
+
+    def krause(ref: AWDLSTM) -> None:
+        for n, p in ref.named_parameters():
+            p += lamb * decrate[n] * (data0[n] - p) - lr * p.grad / (rms[n] + eps)
+            ref_final[n] = p.detach()
+
+    want = reference_dynamic_eval(model, tokens, krause)
     assert want.numel() == 250
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
     assert torch.allclose(got_rms, want, atol=1e-5, rtol=0)
-    theta_ref = torch.cat([p.detach().reshape(-1) for _, p in params])
+    theta_ref = torch.cat([ref_final[n].reshape(-1) for n, _ in params])
     assert torch.allclose(final["theta"], theta_ref, atol=1e-5, rtol=0)
     assert (got - static_losses(model, tokens)).abs().max() > 1e-2
 
