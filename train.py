@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from dynlm_pl.stages import main_guard, run_stages
+from dynlm_pl.stages import cli, main_guard, run_stages
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -14,4 +14,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # Hydra's own errors (unknown key, unwritable output) as one line too

@@ -316,6 +316,8 @@ class StreamWindows(IterableDataset):
     def __init__(self, streams: Tensor, bptt: int, variable: bool = False, seed: int = 0) -> None:
         require(bptt >= 1, f"bptt must be a positive number of tokens, got {bptt}")
         self.streams, self.bptt, self.variable, self.seed, self.epoch = streams, bptt, variable, seed, 0
+        # Windows of the next pass already trained on (a run resumed mid-epoch); consumed by that pass.
+        self.skip = 0
 
     def lengths(self, epoch: int) -> list[int]:
         rng, n, out, i = random.Random(self.seed * 100_003 + epoch), self.streams.size(1) - 1, [], 0
@@ -330,9 +332,11 @@ class StreamWindows(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        lengths, i = self.lengths(self.epoch), 0
+        lengths = self.lengths(self.epoch)
         self.epoch += 1
-        for t in lengths:
+        skip, self.skip = self.skip, 0
+        i = sum(lengths[:skip])
+        for t in lengths[skip:]:
             yield self.streams[:, i : i + t], self.streams[:, i + 1 : i + 1 + t]
             i += t
 
@@ -377,6 +381,9 @@ class WikiText2DataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.test_batch_size = batch_size, eval_batch_size, test_batch_size
         self.bptt, self.variable_bptt, self.seed = bptt, variable_bptt, seed
         self.corpus: Corpus | None = None
+        # Set when a run resumes mid-epoch (LMPretrainModule.on_load_checkpoint): the next training loader
+        # starts after the windows already trained on, where Lightning would restart a plain loader's stream.
+        self.skip_train_batches = 0
 
     def load(self) -> Corpus:
         """The corpus, loaded once (callable before the Trainer exists: models need the vocab size)."""
@@ -414,10 +421,14 @@ class WikiText2DataModule(L.LightningDataModule):
             # Window lengths are drawn per epoch: a loader rebuilt each epoch (the trainer config reloads
             # them so len() stays exact) or after a resume continues the same sequence of draws.
             ds.epoch = self.trainer.current_epoch
-        return DataLoader(ds, batch_size=None, num_workers=0)
+        # A private generator: creating an iterator draws a seed, which from the global generator would shift
+        # every later dropout mask, so a resumed run (which creates its iterators at other times) would differ.
+        return DataLoader(ds, batch_size=None, num_workers=0, generator=torch.Generator())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, self.variable_bptt)
+        loader = self._loader("train", self.batch_size, self.variable_bptt)
+        loader.dataset.skip, self.skip_train_batches = self.skip_train_batches, 0
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid", self.eval_batch_size, False)

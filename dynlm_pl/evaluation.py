@@ -109,6 +109,12 @@ def _meta_rule(path: Path, lm: AWDLSTM, lm_sha: str, art: Any | None) -> tuple[R
     from dynlm_pl.systems.meta import load_meta
 
     meta, hp = load_meta(path, lm_sha256=lm_sha)
+    # The Fisher/RMS features and Krause's coefficients are read from fisher.pt: φ was trained on one
+    fisher_sha = (hp.get("provenance") or {}).get("fisher_sha256")
+    now_sha = file_sha256(path.parent / "fisher.pt") if art is not None else None
+    require(fisher_sha is None or fisher_sha == now_sha,
+            f"{path} was meta-trained with another fisher.pt than {path.parent / 'fisher.pt'} "
+            f"({'absent now' if now_sha is None else 'recomputed since'}); rerun `python train.py stage=meta`")
     dyn_cfg = (hp.get("provenance") or {}).get("dynamic") or {"include": ["*"], "exclude": []}
     dyn = DynamicWeights.build(lm, dyn_cfg["include"], dyn_cfg["exclude"], art)
     require(list(dyn.spec.names) == list(hp["dynamic_names"]),
@@ -200,6 +206,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     methods = list(e.methods)
     unknown = [m for m in methods if m not in METHODS]
     require(not unknown, f"eval.methods has unknown {unknown}; choose from {', '.join(METHODS)}")
+    limit = e.get("max_tokens")
+    require(limit is None or int(limit) >= 2, f"eval.max_tokens must be >= 2 (or null for whole splits), got {limit}")
     segment = int(e.segment)
     require(segment >= 1, f"eval.segment must be a positive number of tokens, got {segment}")
 
@@ -241,7 +249,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             rules["rms"], dyns["rms"] = RMSRule(base_dyn, h["lr"], h["lamb"], h["eps"]), base_dyn
 
     results: dict[str, Any] = {
-        "protocol": {"streams": 1, "segment": segment, "order": "score then update",
+        "protocol": {"streams": 1, "segment": segment, "order": "score then update", "max_tokens": limit,
                      "ppl": "exp(total loss / tokens scored)", "static_window": int(cfg.data.bptt)},
         "checkpoints": hashes, "data": {"source": corpus.source, "vocab": corpus.vocab_hash},
         "skipped": notes, "splits": {}}
@@ -249,6 +257,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     plots.mkdir(exist_ok=True)
     for split in splits:
         tokens = splits_t[split]
+        if limit is not None and tokens.numel() > int(limit):  # a prefix: every method reads the same tokens
+            tokens = tokens[: int(limit)]
+            articles[split] = [(o, t) for o, t in articles[split] if o < tokens.numel()]
+            print(f"[evaluate] {split}: first {tokens.numel():,} tokens (eval.max_tokens)")
         losses: dict[str, np.ndarray] = {}
         rows: dict[str, list[dict]] = {}
         res: dict[str, Any] = {}
@@ -260,7 +272,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             else:
                 if isinstance(rule, RecordingGateRule):
                     rule.history = []
-                lt = adaptive_eval(lm, tokens, rule, segment, dyns[m], progress=True).view(-1)
+                drift: list[float] = []  # ‖θ_t − θ_0‖ after every update: adaptation must stay bounded
+                d0 = dyns[m].theta0
+                lt = adaptive_eval(lm, tokens, rule, segment, dyns[m], progress=True,
+                                   on_segment=lambda _s, th, d0=d0, drift=drift: drift.append(
+                                       float(torch.dist(th.detach(), d0)))).view(-1)
                 if m == "meta" and isinstance(rule, RecordingGateRule) and rule.history:
                     gates = torch.stack(rule.history)  # [n_segments, 3, n_tensors]
             sec = time.time() - t0
@@ -271,6 +287,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             res[m] = {"ppl": math.exp(arr.mean()), "loss": float(arr.mean()), "tokens": int(arr.size),
                       "tokens_per_s": arr.size / sec, "seconds": sec,
                       "hparams": tuned.get(m, {}).get("hparams", {})}
+            if rule is not None:
+                require(all(map(math.isfinite, drift)), f"{m} drove the weights to inf/NaN on {split}")
+                res[m]["theta_drift_max"], res[m]["theta_drift_final"] = max(drift, default=0.0), \
+                    (drift[-1] if drift else 0.0)
             print(f"[evaluate] {split} {m:>12}: ppl {res[m]['ppl']:8.2f}  ({arr.size / sec:,.0f} tok/s)", flush=True)
         results["splits"][split] = res
         _write_split(out, plots, split, tokens, corpus.vocab, articles[split], losses, rows, gates,
@@ -366,6 +386,8 @@ def _to_wandb(cfg: DictConfig, out: Path, results: dict[str, Any], splits: list[
     """The per-article table, the gain curves and the plots to a W&B run (WANDB_MODE=offline works)."""
     import wandb
 
+    if wandb.run is not None:  # an earlier stage's WandbLogger run in this process (stage=all): close it first
+        wandb.finish()
     try:
         run = wandb.init(project=cfg.logger.wandb.get("project", "dynlm"), name=f"{cfg.name}-evaluate",
                          dir=str(out), config=OmegaConf.to_container(cfg.eval, resolve=True), job_type="evaluate")

@@ -77,6 +77,10 @@ def test_results_json_fields(evaluated: tuple[DictConfig, dict, Path]) -> None:
             assert math.exp(v["loss"]) == pytest.approx(v["ppl"])
             assert v["tokens"] > 0 and v["tokens_per_s"] > 0
         assert set(r["splits"][split]["rms"]["hparams"]) == {"lr", "lamb", "eps"}
+        for m in ("sgd", "rms"):  # ‖θ_t − θ_0‖ is logged for adaptive methods: it moved, and stayed finite
+            v = r["splits"][split][m]
+            assert 0 < v["theta_drift_final"] <= v["theta_drift_max"] < math.inf
+        assert "theta_drift_max" not in r["splits"][split]["static"]
     assert "| method |" in (out / "results.md").read_text()
     tuned = json.loads((out / "tuned.json").read_text())
     assert set(tuned["best"]) == {"sgd", "rms"} and len(tuned["best"]["rms"]["trials"]) == 4
@@ -129,3 +133,43 @@ def test_textfile_unknown_words_and_bad_method(evaluated: tuple[DictConfig, dict
     tf.data.path = str(text)
     with pytest.raises(DynlmError, match="no <unk>"):
         evaluation.run(tf)
+
+
+def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Path],
+                                           tmp_path: Path) -> None:
+    """A trained meta-learner's gate plot is drawn, and `logger=wandb` under WANDB_MODE=offline writes a local
+    W&B run holding the per-article table and the plots (no account, no network)."""
+    import shutil
+
+    from dynlm_pl.systems import meta as meta_stage
+    from tests.conftest import compose_config
+
+    _, _, src = evaluated
+    cfg = compose_config([*OVERRIDES, "unroll=3", "meta.steps=4", "meta.val_every=2", "meta.val_tokens=300",
+                          "eval.methods=[static,rms,meta]", "eval.max_tokens=300", "logger=wandb"], tmp_path)
+    out = Path(cfg.paths.run_dir)
+    out.mkdir(parents=True)
+    for name in ("lm.ckpt", "fisher.pt", "tuned.json"):
+        shutil.copy(src / name, out / name)
+    meta_stage.run(cfg)
+    res = evaluation.run(cfg)
+    assert res["protocol"]["max_tokens"] == 300
+    assert res["splits"]["test"]["meta"]["tokens"] == 299  # the prefix: 300 tokens, 299 predicted
+    gates = out / "plots" / "gates-test.png"
+    assert gates.is_file() and gates.stat().st_size > 1000 and gates.read_bytes()[:4] == b"\x89PNG"
+    # evaluate's run is the newest (stage meta's WandbLogger may have one here too, or reuse an earlier one)
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert runs, list((out / "wandb").iterdir())
+    logged = [p.name for p in runs[-1].rglob("*") if p.is_file()]
+    assert any(n.endswith(".wandb") for n in logged), logged  # the offline run's event log
+    media = [n for n in logged if n.endswith(".png")]
+    assert any(n.startswith("gates-test") for n in media), media  # plots uploaded as images
+    assert any(n.endswith(".table.json") for n in logged), logged  # the per-article table
+    # fisher.pt recomputed after meta-training: φ read other features than it was trained on -> refused
+    art = torch.load(out / "fisher.pt", map_location="cpu", weights_only=False)
+    art["meta"] = {**art.get("meta", {}), "recomputed": True}
+    torch.save(art, out / "fisher.pt")  # another file: the hash recorded in meta.ckpt no longer matches
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(DynlmError, match="another fisher.pt"):
+        evaluation.run(cfg)
+    assert (out / "results.json").read_bytes() == before  # nothing already written is touched

@@ -65,6 +65,13 @@ def lstm_fused(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tens
                b_hh: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Same contract as `lstm_manual`, through the fused kernel nn.LSTM uses."""
     h, c = state
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # CPU autocast sends the LSTM to oneDNN in bf16, which fails on CPUs without native bf16 ("could not
+        # create a primitive descriptor", even for plain nn.LSTM); bf16 buys no speed on CPU anyway, so under
+        # `trainer.precision=bf16-mixed` on CPU this layer runs in float32 (the decoder matmul still autocasts).
+        with torch.autocast("cpu", enabled=False):
+            f32 = [t.float() for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)]
+            return lstm_fused(f32[0], (f32[1], f32[2]), *f32[3:])
     out, h_n, c_n = torch.lstm(x, (h.unsqueeze(0), c.unsqueeze(0)), [w_ih, w_hh, b_ih, b_hh],
                                True, 1, 0.0, False, False, True)
     return out, (h_n.squeeze(0), c_n.squeeze(0))

@@ -19,8 +19,10 @@ Gate parametrizations (`param`):
   paper   plain MLP, f = σ(o_f), i = −η·softplus(o_i)/ln 2, z = σ(o_z); the last layer starts near
           zero with biases (+b, 0, −b): f ≈ 1, z ≈ 0 (COPY, f + z = 1 exactly) and i ≈ −η.
   krause  residual around Krause et al. 2017's RMS rule: with a = −η/(RMS+ε) and his decay d,
-          i = a·e^{o_i}, f = 1 − min(d·e^{o_f}, 1), z = min(d·e^{o_z}, 1). The last layer is zero at
-          init, so o = 0 and the rule IS Krause's update until training moves it. Corrections o are
+          i = a·e^{o_i}, f = 1 − D(o_f), z = D(o_z), D(o) = clamp((d + d₀)·e^{o} − d₀, 0, 1), where
+          d₀ = `lamb0`·(his decay rate) keeps the decay learnable when the tuned λ is 0 (then d = 0 and
+          a purely multiplicative correction could never grow it). The last layer is zero at init, so
+          o = 0, D = d and the rule IS Krause's update until training moves it. Corrections o are
           soft-clamped to ±`clamp` (a factor e^±clamp around his coefficients).
 `flush=False` (meta_noflush): z ≡ 0; the krause form then keeps f = 1 + λ·o_f (no decay at init).
 """
@@ -63,7 +65,7 @@ class MetaLearner(nn.Module):
     def __init__(self, n_tensors: int, hidden: Sequence[int] = (16,), activation: str = "tanh",
                  features: Sequence[str] = ("theta", "delta", "grad", "loss"), param: str = "paper",
                  flush: bool = True, embed_dim: int = 0, lr: float = 1e-3, lamb: float = 0.002, eps: float = 2e-5,
-                 gate_bias: float = 10.0, init_scale: float = 1e-3, clamp: float = 5.0) -> None:
+                 lamb0: float = 1e-3, gate_bias: float = 10.0, init_scale: float = 1e-3, clamp: float = 5.0) -> None:
         super().__init__()
         unknown = [f for f in features if f not in FEATURE_WIDTH]
         if unknown or param not in ("paper", "krause") or activation not in ACTIVATIONS or not hidden:
@@ -71,7 +73,7 @@ class MetaLearner(nn.Module):
                              f"param={param!r} (paper|krause), activation={activation!r} ({list(ACTIVATIONS)}), "
                              f"hidden={list(hidden)} (at least one layer)")
         self.features, self.param, self.flush = tuple(features), param, flush
-        self.lr, self.lamb, self.eps, self.clamp = lr, lamb, eps, clamp
+        self.lr, self.lamb, self.eps, self.clamp, self.lamb0 = lr, lamb, eps, clamp, lamb0
         width = sum(FEATURE_WIDTH[f] for f in features)
         sizes = [width, *hidden]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
@@ -111,17 +113,20 @@ class MetaLearner(nn.Module):
                 raise ValueError("gate=krause_init needs Krause's gradient statistics (ms) from fisher.pt: "
                                  "run `python train.py stage=fisher` first")
             ctx["a"], ctx["d"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb, self.eps)
+            # d₀ = lamb0 · rate: the same per-coordinate shape as Krause's decay, at a small fixed scale
+            ctx["d0"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb0, self.eps)[1]
         self._ctx = (id(dyn), ctx)
         return ctx
 
-    def features_of(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any, ctx: dict[str, Tensor]) -> Tensor:
-        """[..., P, k] per-coordinate inputs; `loss` is a scalar or [B] (one per stream)."""
+    def features_of(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor,
+                    ctx: dict[str, Tensor]) -> Tensor:
+        """[..., n, k] per-coordinate inputs of n coordinates; `loss` is a scalar or [B] (one per stream)."""
         cols: list[Tensor] = []
         for f in self.features:
             if f == "theta":
                 cols.append(theta)
             elif f == "delta":
-                cols.extend(log_sign(theta - dyn.theta0))
+                cols.extend(log_sign(theta - theta0))
             elif f == "grad":
                 cols.extend(log_sign(grad))
             elif f == "loss":
@@ -137,31 +142,78 @@ class MetaLearner(nn.Module):
             h = self.act(layer(h))
         return self.out(h)
 
-    def forward(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-        ctx = self._context(dyn)
-        x = self.features_of(theta, grad, loss, dyn, ctx)  # [..., P, k]
-        if self.embed is None:
-            o = self.mlp(x, self.layers[0].bias)
-        else:  # the tensor embedding is a per-tensor bias of layer 1: run the MLP tensor by tensor
-            bias = self.layers[0].bias + self.embed_proj(self.embed.weight)  # [n_tensors, H]
-            o = torch.cat([self.mlp(xk, bias[k]) for k, xk in enumerate(x.split(dyn.spec.sizes, dim=-2))], dim=-2)
-        o_f, o_i, o_z = o.unbind(-1)  # each [..., P]
+    def _gates(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
+               bias1: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(f, i, z) of n coordinates (θ, ∇L, θ_0 and the ctx tensors all [..., n])."""
+        o_f, o_i, o_z = self.mlp(self.features_of(theta, grad, loss, theta0, ctx), bias1).unbind(-1)
         if self.param == "paper":
             f = torch.sigmoid(o_f)
             i = -self.lr * F.softplus(o_i) / math.log(2.0)
-            z = torch.sigmoid(o_z) if self.flush else None
-        else:
-            o_f, o_i, o_z = (soft_clamp(o, self.clamp) for o in (o_f, o_i, o_z))
-            a, d = ctx["a"], ctx["d"]
-            i = a * torch.exp(o_i)
-            if self.flush:
-                f = 1.0 - (d * torch.exp(o_f)).clamp(max=1.0)
-                z = (d * torch.exp(o_z)).clamp(max=1.0)
-            else:
-                f, z = 1.0 + self.lamb * o_f, None
+            return f, i, torch.sigmoid(o_z) if self.flush else None
+        o_f, o_i, o_z = (soft_clamp(o, self.clamp) for o in (o_f, o_i, o_z))
+        a, d, d0 = ctx["a"], ctx["d"], ctx["d0"]
+        i = a * torch.exp(o_i)
+        if not self.flush:
+            return 1.0 + self.lamb * o_f, i, None
+        # clamp passes gradient at its bounds (inclusive mask): D stays learnable at 0
+        f = 1.0 - torch.addcmul(-d0, d + d0, torch.exp(o_f)).clamp(0.0, 1.0)
+        z = torch.addcmul(-d0, d + d0, torch.exp(o_z)).clamp(0.0, 1.0)
+        return f, i, z
+
+    def _bias1(self) -> Tensor:
+        """First-layer bias per dynamic tensor [n_tensors, H] (the tensor embedding enters here), or [H]."""
+        if self.embed is None:
+            return self.layers[0].bias
+        return self.layers[0].bias + self.embed_proj(self.embed.weight)
+
+    def forward(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        ctx = self._context(dyn)
+        bias = self._bias1()
+        if self.embed is None:
+            f, i, z = self._gates(theta, grad, loss, dyn.theta0, ctx, bias)
+        else:  # a per-tensor bias of layer 1: run tensor by tensor (no [P, embed_dim] tensor is built)
+            parts = [self._gates(*(t.narrow(-1, s, n) for t in (theta, grad)), loss, dyn.theta0.narrow(0, s, n),
+                                 {k: v.narrow(0, s, n) for k, v in ctx.items()}, bias[k])
+                     for k, (s, n) in enumerate(_offsets(dyn.spec.sizes))]
+            f, i = (torch.cat([p[j] for p in parts], dim=-1) for j in (0, 1))
+            z = torch.cat([p[2] for p in parts], dim=-1) if self.flush else None
         self.last_gates = {"f": f.detach().mean(), "i": i.detach().mean(),
                            "z": z.detach().mean() if z is not None else torch.zeros(())}
         return f, i, z
+
+    @torch.no_grad()
+    def apply_(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any, chunk: int = 1 << 15) -> Tensor:
+        """θ ← f⊙θ + i⊙∇L + z⊙θ_0 IN PLACE, chunk by chunk (evaluation; θ [P]); returns the per-tensor
+        mean gates [3, n_tensors].
+
+        Why: run over all P coordinates at once, the MLP writes [P, k] features and two [P, H]
+        activations to memory and reads them back (for P = 10.9M and H = 16, > 1 GB per update); a
+        chunk of 32k coordinates keeps them in cache, so the update costs the MLP's arithmetic only.
+        """
+        ctx = self._context(dyn)
+        bias = self._bias1()
+        sums = theta.new_zeros(3, len(dyn.spec.sizes))
+        for k, (s0, n) in enumerate(_offsets(dyn.spec.sizes)):
+            b = bias if self.embed is None else bias[k]
+            for s in range(s0, s0 + n, chunk):
+                e = min(s + chunk, s0 + n)
+                th, g, th0 = theta[s:e], grad[s:e], dyn.theta0[s:e]
+                f, i, z = self._gates(th, g, loss, th0, {key: v[s:e] for key, v in ctx.items()}, b)
+                sums[0, k] += f.sum()
+                sums[1, k] += i.sum()
+                new = torch.addcmul(f * th, i, g)
+                if z is not None:
+                    sums[2, k] += z.sum()
+                    new.addcmul_(z, th0)
+                th.copy_(new)
+        means = sums / torch.tensor(dyn.spec.sizes, dtype=sums.dtype, device=sums.device)
+        self.last_gates = {"f": means[0].mean(), "i": means[1].mean(), "z": means[2].mean()}
+        return means
+
+
+def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, length) of each tensor in the flat vector."""
+    return list(zip(itertools.accumulate([0, *sizes[:-1]]), sizes, strict=True))
 
 
 def build_meta_learner(gate_cfg: dict[str, Any], n_tensors: int, flush: bool | None = None) -> MetaLearner:

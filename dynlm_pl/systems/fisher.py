@@ -107,8 +107,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for est, (batch, window) in passes.items():
         partial = out / f".fisher-{est}.partial.pt"  # rank 0's result of one pass, never a fisher.pt
         partial.unlink(missing_ok=True)
-        # Gradients inside the test loop: inference mode would forbid them whatever the config says.
-        trainer = make_trainer(cfg, {"inference_mode": False})
+        # Gradients inside the test loop: inference mode would forbid them whatever the config says. Full
+        # precision whatever trainer.precision says: F sums squared per-example gradients (bf16 would round
+        # them, fp16 underflow them), and the written-out forward mixes dtypes under autocast.
+        trainer = make_trainer(cfg, {"inference_mode": False, "precision": "32-true"})
         module = FisherModule(model, tokens, est, fc.tokens or None, batch, window, fc.seed, partial)
         t0 = time.time()
         trainer.test(module, verbose=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,16 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MeanMetric
 
-from dynlm_pl.common import atomic_copy, make_datamodule, make_trainer, model_kwargs, run_dir
+from dynlm_pl.common import (
+    atomic_copy,
+    check_resumable,
+    get_rng_state,
+    make_datamodule,
+    make_trainer,
+    model_kwargs,
+    run_dir,
+    set_rng_state,
+)
 from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.models.awd_lstm import AWDLSTM, Hidden, detach_hidden, lm_loss
 
@@ -44,6 +54,9 @@ class LMPretrainModule(L.LightningModule):
         self.val_history: list[float] = []
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self._hidden: dict[str, Hidden | None] = {"train": None, "val": None, "test": None}
+        # Resume state: windows trained on in this epoch, and the RNG state (dropout masks) to continue from.
+        self._epoch_batches = 0
+        self._pending: dict[str, Any] | None = None  # RNG state from on_load_checkpoint, applied at the next step
 
     # -- the model other stages use ------------------------------------------------------------------
     @property
@@ -63,9 +76,15 @@ class LMPretrainModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._hidden["train"] = None
+        self._epoch_batches = 0
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch  # [B, T]
+        if self._pending is not None:  # first step after a resume: the dropout masks the killed run drew next
+            set_rng_state(self._pending["rng"])
+            self._pending = None
+            h = self._hidden["train"]  # restored on the CPU (or reset by on_train_epoch_start in a new epoch)
+            self._hidden["train"] = None if h is None else [(a.to(x.device), b.to(x.device)) for a, b in h]
         out = self.model(x, self._carry("train", x, self.model))
         self._hidden["train"] = detach_hidden(out.hidden)
         ce = lm_loss(out.logits, y)
@@ -85,6 +104,7 @@ class LMPretrainModule(L.LightningModule):
             self.swa.update_parameters(self.model)
         self.train_loss.update(ce.detach(), weight=y.numel())
         self.log("train/loss", ce.detach(), prog_bar=True)
+        self._epoch_batches += 1
         return loss.detach()
 
     def on_train_epoch_end(self) -> None:
@@ -142,10 +162,41 @@ class LMPretrainModule(L.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None:  # the vocabulary travels with the weights: evaluate.py reads any text with it
             checkpoint["vocab"] = dm.load().vocab
+        # What resume=true needs beyond weights, optimizer and loop counters (which Lightning saves) to continue
+        # exactly as an uninterrupted run: the position in the epoch, the carried hidden state, the RNG state
+        # and the running training loss.
+        checkpoint["resume_state"] = {
+            "epoch_batches": self._epoch_batches, "hidden": self._hidden["train"], "rng": get_rng_state(),
+            "train_loss": {k: v.detach().clone() for k, v in self.train_loss.metric_state.items()},
+            "world_size": self.trainer.world_size if self._trainer is not None else 1}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_history = list(checkpoint.get("val_history", []))
         self.vocab: list[str] | None = checkpoint.get("vocab")
+        if self._trainer is None:  # load_from_checkpoint (load_lm): weights only
+            return
+        # resume=true: refuse a checkpoint made for other data or another model before its tensors are loaded
+        # (a shape mismatch would be a traceback; the same shapes over another vocabulary would go unnoticed).
+        old = checkpoint.get("hyper_parameters", {})
+        names = {"vocab_hash": "vocabulary (data)", "model": "model", "optimizer": "lm.optim.optimizer"}
+        diff = [v for k, v in names.items() if old.get(k) != self.hparams.get(k)]
+        require(not diff, f"cannot resume: checkpoints/last.ckpt was trained with different {', '.join(diff)}; "
+                "use the settings it was made with, or rerun without resume=true to start over")
+        st = checkpoint.get("resume_state")
+        if not st:  # written by an older version: Lightning restarts the epoch's stream, as it always did
+            return
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "skip_train_batches"):
+            dm.skip_train_batches = int(st["epoch_batches"])
+        self._epoch_batches = int(st["epoch_batches"])
+        for k, v in st["train_loss"].items():
+            setattr(self.train_loss, k, v.to(self.device))
+        self.train_loss._update_count = max(self.train_loss._update_count, int(st["epoch_batches"]))
+        # Hidden state and RNG are per process: under DDP rank 0's would be wrong for the other ranks' streams.
+        if st.get("world_size", 1) == 1 and self.trainer.world_size == 1:
+            # Set now, not at the next step: if the checkpoint ended an epoch, on_train_epoch_start resets it.
+            self._hidden["train"] = st["hidden"]
+            self._pending = {"rng": st["rng"]}
 
 
 def load_lm(path: str | Path) -> tuple[AWDLSTM, dict[str, Any]]:
@@ -182,10 +233,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer = make_trainer(cfg, cfg.lm.get("trainer"), callbacks=[ckpt])
     resume = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(resume) if cfg.get("resume") and resume.is_file() else None
+    if ckpt_path:
+        check_resumable(resume)
+        # The data module skips the windows already trained on (see on_load_checkpoint), which Lightning cannot
+        # know: its warning that a mid-epoch resume of a plain loader is unreliable does not apply here.
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
     t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if trainer.interrupted:
         raise DynlmError("pretraining was interrupted; rerun with resume=true to continue from last.ckpt")
+    if not trainer.is_global_zero:  # under strategy=ddp / torchrun every rank runs this; rank 0 writes
+        return {}
     best = ckpt.best_model_path or ckpt.last_model_path
     require(bool(best), "pretraining ended without a checkpoint (no validation ran); "
             "check lm.trainer.limit_val_batches / val_check_interval")

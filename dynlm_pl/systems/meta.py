@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -26,8 +26,19 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, IterableDataset
 
-from dynlm_pl.common import atomic_copy, atomic_torch_save, file_sha256, make_datamodule, make_trainer, run_dir
-from dynlm_pl.data import batchify
+from dynlm_pl.common import (
+    atomic_copy,
+    atomic_torch_save,
+    best_model_score,
+    check_resumable,
+    file_sha256,
+    get_rng_state,
+    make_datamodule,
+    make_trainer,
+    run_dir,
+    set_rng_state,
+)
+from dynlm_pl.data import batchify, shard_streams
 from dynlm_pl.dynamic import (
     DynamicWeights,
     GateRule,
@@ -48,12 +59,13 @@ class UnrollChunks(IterableDataset):
     """(chunk [B, U·M + 1], first segment index) for consecutive unrolls of `streams` [B, N]."""
 
     def __init__(self, streams: Tensor, unroll: int, segment: int) -> None:
-        self.streams, self.span, self.segment = streams, unroll * segment, segment
+        self.streams, self.span, self.segment, self.start = streams, unroll * segment, segment, 0
         require(streams.size(1) > self.span + 1, f"the training stream ({streams.size(1)} tokens per stream) is "
                 f"shorter than one unroll ({self.span} tokens); lower unroll, meta.segment or meta.streams")
 
     def __iter__(self):
-        for s in range(0, self.streams.size(1) - self.span - 1 + 1, self.span):
+        # `start` > 0 only for a run resumed mid-pass: the tokens before it were read before the checkpoint.
+        for s in range(self.start, self.streams.size(1) - self.span - 1 + 1, self.span):
             yield self.streams[:, s : s + self.span + 1], s // self.segment
 
 
@@ -92,11 +104,27 @@ class MetaTrainModule(L.LightningModule):
         self._hidden: Hidden | None = None
         self.n_unrolls = 0
         self.skipped = 0
+        # Resume state: tokens of each training stream read in this pass (the next chunk's offset), the offset a
+        # resumed run starts its first pass at, and θ / hidden / RNG restored from last.ckpt for the next step.
+        self._pass_tokens = 0
+        self._resume_tokens = 0
+        self._pending: dict[str, Any] | None = None
 
     # -- data ------------------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        t = self._trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
+        # Under DDP each rank reads its own contiguous block of the B streams (meta.streams is global): with
+        # equal tokens per rank, DDP's gradient average equals one process's per-token mean over all B.
         hp = self.hparams
-        return DataLoader(UnrollChunks(self.train_streams, hp.unroll, hp.segment), batch_size=None)
+        streams = shard_streams(self.train_streams, *self._rank_world())
+        chunks = UnrollChunks(streams, hp.unroll, hp.segment)
+        # A resumed run continues where the checkpoint was taken, where Lightning would restart the stream.
+        chunks.start, self._resume_tokens = self._resume_tokens, 0
+        # A private generator: an iterator drawn from the global one would shift the RNG of a resumed run.
+        return DataLoader(chunks, batch_size=None, generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader([0], batch_size=None)  # one "batch": validation reads the whole slice itself
@@ -112,6 +140,7 @@ class MetaTrainModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._theta, self._hidden = None, None  # a new pass over the stream starts from θ_0
+        self._pass_tokens = 0
 
     def _penalty(self, theta: Tensor) -> Tensor:
         """EWC: λ/2 Σ F (θ_t − θ_0)², as fisher.ewc_penalty, on the flat vector."""
@@ -126,7 +155,7 @@ class MetaTrainModule(L.LightningModule):
             x = chunk[:, k * hp.segment : (k + 1) * hp.segment]
             y = chunk[:, k * hp.segment + 1 : (k + 1) * hp.segment + 1]
             if self.reset_mask is not None:
-                m = self.reset_mask[:, first_seg + k].to(theta.device)
+                m = shard_streams(self.reset_mask, *self._rank_world())[:, first_seg + k].to(theta.device)
                 if bool(m.any()):  # an article starts in this segment: θ ← θ_0 for those streams
                     theta = self.dyn.theta0.clone() if theta.dim() == 1 else torch.where(
                         m[:, None], self.dyn.theta0, theta)
@@ -147,6 +176,13 @@ class MetaTrainModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, int], batch_idx: int) -> Tensor:
         chunk, first_seg = batch
         hp = self.hparams
+        if self._pending is not None:  # first step after resume=true: the RNG state, θ and hidden on this device
+            set_rng_state(self._pending["rng"])
+            self._pending = None
+            if self._theta is not None:
+                self._theta = self._theta.to(chunk.device)
+            if self._hidden is not None:
+                self._hidden = [(h.to(chunk.device), c.to(chunk.device)) for h, c in self._hidden]
         if self._theta is None or (hp.reset_every and self.n_unrolls % hp.reset_every == 0):
             theta, hidden = self.initial_state(chunk.size(0))
             hidden = hidden if self._hidden is None else self._hidden
@@ -156,7 +192,8 @@ class MetaTrainModule(L.LightningModule):
         loss, theta, hidden, n_tok = self.unroll(chunk, int(first_seg), theta, hidden)
         opt = self.optimizers()
         opt.zero_grad()
-        ok = bool(torch.isfinite(loss))
+        # A collective decision: a rank that skipped backward while the others all-reduce would hang DDP.
+        ok = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if ok:
             self.manual_backward(loss)
             grads = [p.grad for p in self.meta.parameters() if p.grad is not None]
@@ -170,11 +207,14 @@ class MetaTrainModule(L.LightningModule):
             opt.zero_grad()
             self.print(f"meta: non-finite meta-loss or gradient at step {self.global_step}, update skipped "
                        f"({self.skipped} so far); θ reset to θ_0")
-            theta, _ = self.initial_state(chunk.size(0))
+            theta, fresh = self.initial_state(chunk.size(0))
+            if not all(bool(torch.isfinite(h).all() and torch.isfinite(c).all()) for h, c in hidden):
+                hidden = fresh  # a non-finite hidden state would make every later step non-finite too
         self._theta, self._hidden = theta.detach(), detach_hidden(hidden)
         if not bool(torch.isfinite(self._theta).all()):
             self._theta = None
         self.n_unrolls += 1
+        self._pass_tokens += hp.unroll * hp.segment
         g = self.meta.last_gates
         self.log_dict({"train/meta_loss": loss.detach(), "train/ppl": torch.exp(loss.detach().clamp(max=50)),
                        "train/skipped": float(self.skipped), "train/tokens_per_s": n_tok / (time.perf_counter() - t0),
@@ -204,9 +244,53 @@ class MetaTrainModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("lm.")}
         checkpoint["dynamic_names"] = list(self.dyn.spec.names)
         checkpoint["n_unrolls"] = self.n_unrolls
+        # What resume=true needs beyond φ, Adam and the loop counters (which Lightning saves) to continue exactly
+        # as an uninterrupted run: the weights θ and hidden state carried across unrolls, the NaN-guard count,
+        # the position in the training stream and the RNG state. θ is one LM-sized vector per stream.
+        checkpoint["resume_state"] = {
+            "theta": self._theta, "hidden": self._hidden, "skipped": self.skipped, "pass_tokens": self._pass_tokens,
+            "streams": self.train_streams.size(0) if self.train_streams is not None else None,
+            "rng": get_rng_state(), "world_size": self._trainer.world_size if self._trainer is not None else 1}
+
+    # Settings a checkpoint's φ, θ and stream position are only valid for, and how to name them to the user.
+    RESUME_MUST_MATCH: ClassVar[dict[str, str]] = {
+        "dynamic_names": "dynamic parameters (meta.dynamic)", "gate": "gate", "lm_sha256": "lm.ckpt",
+        "fisher_sha256": "fisher.pt", "vocab_hash": "vocabulary", "data_source": "data", "segment": "meta.segment",
+        "unroll": "unroll", "streams": "meta.streams"}
+
+    def _resume_key(self, checkpoint: dict[str, Any] | None) -> dict[str, Any]:
+        if checkpoint is None:  # this run's own values
+            hp, names = dict(self.hparams), list(self.dyn.spec.names)
+            streams = self.train_streams.size(0) if self.train_streams is not None else None
+        else:
+            hp, names = dict(checkpoint.get("hyper_parameters", {})), list(checkpoint.get("dynamic_names", []))
+            streams = (checkpoint.get("resume_state") or {}).get("streams", self.train_streams.size(0)
+                                                                 if self.train_streams is not None else None)
+        prov = hp.get("provenance") or {}
+        return {"dynamic_names": names, "gate": hp.get("gate"), "segment": hp.get("segment"),
+                "unroll": hp.get("unroll"), "streams": streams,
+                **{k: prov.get(k) for k in ("lm_sha256", "fisher_sha256", "vocab_hash", "data_source")}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # resume=true: refuse a checkpoint whose φ or θ belongs to another LM, data or parameter layout before
+        # Lightning loads its tensors (a shape mismatch would be a traceback, equal shapes a silent error).
+        old, new = self._resume_key(checkpoint), self._resume_key(None)
+        diff = [self.RESUME_MUST_MATCH[k] for k in self.RESUME_MUST_MATCH if old[k] != new[k]]
+        require(not diff, f"cannot resume: the meta-training checkpoint (last.ckpt) was made with different "
+                f"{', '.join(diff)}; use the settings it was made with, or rerun without resume=true to start over")
         self.n_unrolls = int(checkpoint.get("n_unrolls", 0))
+        st = checkpoint.get("resume_state")
+        if not st:  # written by an older version: φ and Adam only, as before
+            return
+        self.skipped = int(st["skipped"])
+        self._pass_tokens = self._resume_tokens = int(st["pass_tokens"])
+        world = self._trainer.world_size if self._trainer is not None else 1
+        # θ and hidden are set now, not at the next step: if the checkpoint ended a pass over the stream,
+        # on_train_epoch_start resets them as in an uninterrupted run.
+        if st.get("world_size", 1) == 1 and world == 1:
+            self._theta, self._hidden = st["theta"], st["hidden"]
+            self._pending = {"rng": st["rng"]}
+        # else: rank 0's θ and hidden state belong to its own streams: every rank restarts from θ_0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -295,16 +379,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print("[meta] meta.streams > 1 keeps one θ per stream through vmap: switching the LM to kernel=manual "
               "(same weights, same numbers)")
         lm.kernel = "manual"
+    val = corpus.splits["valid"]
+    if gate.get("param") == "krause" and m.get("init_from_tuned", True):
+        # Start from the TUNED Krause rule: the same grid search and tuned.json evaluate.py uses
+        from dynlm_pl.evaluation import tuned_baselines  # lazy: evaluation imports this module
+
+        tuned = tuned_baselines(cfg, out, lm, val, DynamicWeights.build(lm, fisher_art=art), lm_sha, ["sgd", "rms"])
+        gate.update(tuned["rms"]["hparams"])
+        print(f"[meta] gate=krause_init starts from the tuned rms rule {tuned['rms']['hparams']}")
     dyn = DynamicWeights.build(lm, list(m.dynamic.include), list(m.dynamic.exclude), art)
     print(f"[meta] {len(dyn.spec.names)} dynamic tensors, {dyn.spec.numel:,} coordinates; gate={gate['param']}, "
           f"unroll={unroll}, segment={segment}, streams={streams}, order={m.order}, "
           f"checkpointing={m.checkpointing}, fisher.pt={'yes' if art is not None else 'no'}")
-    train = batchify(corpus.splits["train"], streams)
-    reset_mask = None
-    if m.reset_at_articles:
-        reset_mask = article_reset_mask(corpus.articles["train"], streams, train.size(1), segment)
-    val = corpus.splits["valid"]
-    val = val[: int(m.val_tokens)] if m.val_tokens else val
+    # The stream φ learns from: the training split, or the validation split past the selection slice
+    # (the LM has fitted its training text, so adaptation there can teach a rule that held-out text
+    # punishes -- measured on the synthetic corpus: larger and larger steps; Krause tunes on valid too).
+    source = str(m.get("data", "train"))
+    require(source in ("train", "valid"), f"meta.data must be train or valid, got {source!r}")
+    n_sel = int(m.val_tokens) if m.val_tokens else val.numel()
+    if source == "train":
+        stream, arts = corpus.splits["train"], corpus.articles["train"]
+    else:
+        require(val.numel() - n_sel > 2 * unroll * segment * streams, f"meta.data=valid trains on the validation "
+                f"split past its first meta.val_tokens={n_sel} tokens, and {val.numel() - n_sel} are left; lower "
+                "meta.val_tokens")
+        stream, arts = val[n_sel:], [(o - n_sel, t) for o, t in corpus.articles["valid"] if o >= n_sel]
+    train = batchify(stream, streams)
+    reset_mask = article_reset_mask(arts, streams, train.size(1), segment) if m.reset_at_articles else None
+    val = val[:n_sel]
     module = MetaTrainModule(
         lm, dyn, gate, segment=segment, unroll=unroll, order=int(m.order), checkpointing=bool(m.checkpointing),
         reset_every=int(m.reset_every), ewc_lambda=float(m.ewc_lambda), lr=float(m.optim.lr),
@@ -330,24 +432,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = make_trainer(cfg, m.get("trainer"), callbacks=[ckpt], max_epochs=-1, max_steps=int(m.steps),
                            max_time=m.get("max_time"), val_check_interval=int(m.val_every),
                            check_val_every_n_epoch=None, limit_val_batches=1)
+    require(streams % trainer.world_size == 0, f"meta.streams={streams} cannot be split evenly over "
+            f"{trainer.world_size} processes; make it a multiple of trainer.devices × trainer.num_nodes")
     resume = ckdir / "last.ckpt"
-    trainer.fit(module, ckpt_path=str(resume) if cfg.get("resume") and resume.is_file() else None)
+    ckpt_path = str(resume) if cfg.get("resume") and resume.is_file() else None
+    if ckpt_path:
+        check_resumable(resume)
+    trainer.fit(module, ckpt_path=ckpt_path)
     if trainer.interrupted:
         raise DynlmError("meta-training was interrupted; rerun with resume=true to continue from last.ckpt")
+    if not trainer.is_global_zero:  # under strategy=ddp / torchrun every rank runs this; rank 0 writes
+        return {}
     best = ckpt.best_model_path or ckpt.last_model_path
     require(bool(best), "meta-training ended without a checkpoint (no validation ran); lower meta.val_every "
             "below meta.steps")
-    score = ckpt.best_model_score
+    score = best_model_score(ckpt)  # ddp_spawn sends back only the path
     best_loss = float(score) if score is not None else math.nan
     if best_loss <= init:
-        atomic_copy(best, out / f"{art_name}.ckpt")
+        # meta.ckpt is φ and its provenance: the resume state (θ and hidden state, one LM-sized vector per
+        # stream) stays in checkpoints/ only
+        state = torch.load(best, map_location="cpu", weights_only=False)
+        state.pop("resume_state", None)
+        atomic_torch_save(state, out / f"{art_name}.ckpt")
     else:
         print(f"[meta] no validation beat φ at initialization (best ppl {math.exp(min(best_loss, 50)):.2f} vs "
               f"{math.exp(init):.2f}): {art_name}.ckpt keeps the initial φ")
         best_loss = init
         atomic_torch_save(init_ckpt, out / f"{art_name}.ckpt")
-    if ckpt.last_model_path:
-        atomic_copy(ckpt.last_model_path, out / f"{art_name}-last.ckpt")
+    last = ckpt.last_model_path or str(ckdir / "last.ckpt")  # ddp_spawn sends back only the best path
+    if Path(last).is_file():
+        atomic_copy(last, out / f"{art_name}-last.ckpt")
     res = {"val_ppl": math.exp(best_loss), "val_ppl_trained": math.exp(min(float(score), 50.0)) if score is not None
            else math.nan,
            "val_ppl_init": math.exp(init), **{f"val_ppl_{k}": math.exp(v) for k, v in base.items()},

@@ -1,0 +1,98 @@
+"""Long-run stability of a trained meta-learner: ≥ 10,000 updates in one stream, no reset.
+
+    python train.py experiment=smoke stage=all          # makes runs/smoke/{lm.ckpt,fisher.pt,meta.ckpt}
+    python bench/long_run.py --run runs/smoke --updates 10000
+
+Reads the synthetic corpus of that run (all three splits, repeated until the stream is long enough),
+adapts with the run's meta.ckpt (and the tuned rms rule from tuned.json, for comparison) under
+Krause's protocol, and records ‖θ_t − θ_0‖ after every update. Writes bench/results/long_run.md and
+bench/results/long_run.png. Fails (exit 1) if any loss or weight becomes inf/NaN. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from hydra import compose, initialize_config_dir
+
+from dynlm_pl.common import file_sha256, make_datamodule
+from dynlm_pl.dynamic import DynamicWeights, RMSRule, adaptive_eval
+from dynlm_pl.evaluation import _load_fisher, _meta_rule
+from dynlm_pl.systems.lm import load_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "smoke")
+    ap.add_argument("--experiment", default="smoke")
+    ap.add_argument("--updates", type=int, default=10_000)
+    ap.add_argument("--segment", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=[f"experiment={a.experiment}"])
+    corpus = make_datamodule(cfg).load()
+    text = torch.cat([corpus.splits[s] for s in ("train", "valid", "test")])
+    need = a.updates * a.segment + 1
+    stream = text.repeat(math.ceil(need / text.numel()))[:need]
+    lm, _ = load_lm(a.run / "lm.ckpt")
+    lm_sha = file_sha256(a.run / "lm.ckpt")
+    art = _load_fisher(a.run, lm_sha)
+    meta_rule, meta_dyn = _meta_rule(a.run / "meta.ckpt", lm, lm_sha, art)
+    rules = {"meta": (meta_rule, meta_dyn)}
+    tuned = a.run / "tuned.json"
+    if tuned.is_file() and art is not None:
+        h = json.loads(tuned.read_text())["best"]["rms"]["hparams"]
+        dyn = DynamicWeights.build(lm, fisher_art=art)
+        rules["rms"] = (RMSRule(dyn, h["lr"], h["lamb"], h["eps"]), dyn)
+    rows, curves = [], {}
+    for name, (rule, dyn) in rules.items():
+        drift: list[float] = []
+        t0 = time.time()
+        losses = adaptive_eval(lm, stream, rule, a.segment, dyn, progress=True,
+                               on_segment=lambda _s, th, d=dyn, out=drift: out.append(float(torch.dist(th, d.theta0))))
+        sec = time.time() - t0
+        losses = losses.view(-1)
+        finite = bool(torch.isfinite(losses).all()) and all(map(math.isfinite, drift))
+        blocks = losses[: losses.numel() // 10 * 10].view(10, -1).mean(1).exp().tolist()  # ppl per tenth
+        rows.append((name, len(drift), losses.numel(), finite, max(drift), drift[-1], blocks, sec))
+        curves[name] = drift
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for name, d in curves.items():
+        ax.plot(d, label=name, lw=0.8)
+    ax.set_xlabel("update")
+    ax.set_ylabel("‖θ_t − θ_0‖")
+    ax.set_title(f"{a.run.name}: one stream, {a.updates:,} updates of {a.segment} tokens, no reset")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "long_run.png", dpi=120)
+    lines = [f"`python bench/long_run.py --run {a.run} --updates {a.updates}` (segment {a.segment}, "
+             f"{a.threads} thread(s); the corpus' three splits repeated: the stream re-reads the same text)", "",
+             "| rule | updates | tokens | all finite | max ‖θ−θ0‖ | final ‖θ−θ0‖ | ppl per tenth of the stream | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, n, tok, fin, dmax, dend, blocks, sec in rows:
+        lines.append(f"| {name} | {n:,} | {tok:,} | {fin} | {dmax:.3f} | {dend:.3f} | "
+                     f"{' '.join(f'{b:.1f}' for b in blocks)} | {sec:.0f} |")
+    (out / "long_run.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if not all(r[3] for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Where should the meta-learner learn? A bare-loop meta-training ablation on a finished smoke run.
+
+    python train.py experiment=smoke stage=all     # runs/smoke: lm.ckpt, fisher.pt, tuned.json
+    python bench/meta_ablation.py --data train --steps 100
+    python bench/meta_ablation.py --data valid --steps 100 --feats loss --lr 1e-2 --reset 0 --no-article-reset
+
+Starts gate=krause_init from the run's TUNED rms rule (tuned.json), meta-trains φ with Adam on the training
+split or on the validation split past its first --sel tokens, and prints the adaptive perplexity of
+the first --sel validation tokens (the selection slice) every --every steps, then on test. The same
+pieces as stage=meta (MetaTrainModule.unroll), without Lightning. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from dynlm_pl.common import make_datamodule
+from dynlm_pl.data import batchify
+from dynlm_pl.dynamic import DynamicWeights, adaptive_eval
+from dynlm_pl.fisher import load_fisher
+from dynlm_pl.systems.lm import load_lm
+from dynlm_pl.systems.meta import MetaTrainModule, article_reset_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "smoke")
+    ap.add_argument("--data", choices=["train", "valid"], default="train")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--unroll", type=int, default=10)
+    ap.add_argument("--order", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--reset", type=int, default=5, help="θ <- θ_0 every N unrolls (0: never)")
+    ap.add_argument("--no-article-reset", action="store_true")
+    ap.add_argument("--hidden", type=int, default=16)
+    ap.add_argument("--feats", default="theta,delta,grad,loss,fisher,rms")
+    ap.add_argument("--sel", type=int, default=4000)
+    ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(a.seed)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=["experiment=smoke"])
+    corpus = make_datamodule(cfg).load()
+    val, test = corpus.splits["valid"], corpus.splits["test"]
+    lm, _ = load_lm(a.run / "lm.ckpt")
+    dyn = DynamicWeights.build(lm, fisher_art=load_fisher(a.run / "fisher.pt"))
+    rms = json.loads((a.run / "tuned.json").read_text())["best"]["rms"]["hparams"]
+    gate = dict(param="krause", hidden=[a.hidden], activation="tanh", features=a.feats.split(","), embed_dim=4,
+                flush=True, clamp=5.0, **rms)
+    if a.data == "train":
+        src, arts = corpus.splits["train"], corpus.articles["train"]
+    else:
+        src, arts = val[a.sel:], [(o - a.sel, t) for o, t in corpus.articles["valid"] if o >= a.sel]
+    stream = batchify(src, 1)
+    mask = None if a.no_article_reset else article_reset_mask(arts, 1, stream.size(1), 5)
+    sel = val[: a.sel]
+    mod = MetaTrainModule(lm, dyn, gate, segment=5, unroll=a.unroll, order=a.order, reset_every=a.reset,
+                          lr=a.lr, train_streams=stream, reset_mask=mask, val_tokens=sel)
+    opt = torch.optim.Adam(mod.meta.parameters(), lr=a.lr)
+    print(f"{vars(a)}\nstep 0: selection ppl {math.exp(mod.adaptive_loss()):.2f} (= tuned rms {rms})", flush=True)
+    step, n_unrolls, theta, hidden, t0 = 0, 0, None, None, time.time()
+    while step < a.steps:
+        for chunk, first in mod.train_dataloader():
+            if theta is None or (a.reset and n_unrolls % a.reset == 0):
+                theta, h0 = mod.initial_state(1)
+                hidden = h0 if hidden is None else hidden
+            loss, theta, hidden, _ = mod.unroll(chunk, int(first), theta, hidden)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(mod.meta.parameters(), 1.0)
+            opt.step()
+            theta, hidden = theta.detach(), [(h.detach(), c.detach()) for h, c in hidden]
+            n_unrolls += 1
+            step += 1
+            if step % a.every == 0:
+                g = {k: round(float(v), 4) for k, v in mod.meta.last_gates.items()}
+                print(f"step {step} ({time.time() - t0:.0f}s): meta-loss {loss.item():.3f}, selection ppl "
+                      f"{math.exp(mod.adaptive_loss()):.2f}, mean gates {g}", flush=True)
+            if step >= a.steps:
+                break
+    print(f"test ppl {math.exp(float(adaptive_eval(lm, test, mod.rule, 5, dyn).mean())):.2f}")
+
+
+if __name__ == "__main__":
+    main()

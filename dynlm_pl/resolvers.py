@@ -1,0 +1,29 @@
+"""OmegaConf resolvers the configs use; registered on `import dynlm_pl`, before Hydra composes anything."""
+
+from __future__ import annotations
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+
+def sweep_subdir() -> str:
+    """`/<override_dirname>` inside a Hydra multirun job, '' otherwise (single runs, compose in tests).
+
+    `paths.run_dir` ends with it, so each job of `python train.py -m ... unroll=10,20` gets its own run
+    directory (runs/<name>/unroll=10/, ...) instead of all jobs overwriting runs/<name>/, while a single
+    run keeps runs/<name>/ whatever it overrides (stage=lm then stage=meta unroll=40 must share it).
+    Keys that do not change what a job computes are left out of the name (hydra.job.config in config.yaml).
+    """
+    if not HydraConfig.initialized():
+        return ""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return ""
+    sub = hc.job.override_dirname
+    return f"/{sub}" if sub else ""
+
+
+def register() -> None:
+    if not OmegaConf.has_resolver("dynlm.sweep_subdir"):
+        OmegaConf.register_new_resolver("dynlm.sweep_subdir", sweep_subdir)

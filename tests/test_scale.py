@@ -1,0 +1,256 @@
+"""Scale (issue 8) on CPU stand-ins: DDP meta-training, bf16 mixed precision, Hydra multirun, SLURM preset.
+
+Every test reads the same tiny pretrained LM and Fisher pass (`base_root`), made once per module.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import REPO_ROOT, compose_config
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from dynlm_pl.data import batchify, synthetic_corpus
+from dynlm_pl.dynamic import DynamicWeights, GateRule
+from dynlm_pl.errors import DynlmError
+from dynlm_pl.models.awd_lstm import AWDLSTM
+from dynlm_pl.models.meta_learner import build_meta_learner
+from dynlm_pl.stages import run_stages
+from dynlm_pl.systems import meta as meta_stage
+from dynlm_pl.systems.meta import article_reset_mask
+
+# A small synthetic corpus with short articles, so that both training streams hit an article start (θ reset)
+# within the first unrolls: a rank reading the wrong stream's reset mask would then change φ.
+ARTICLES = {"train": 40, "valid": 4, "test": 4}
+ARTICLE_LEN = 60
+DATA = [f"data.synthetic.articles.{k}={v}" for k, v in ARTICLES.items()] + [f"data.synthetic.article_len={ARTICLE_LEN}"]
+QUIET = ["trainer.enable_progress_bar=false"]
+BASE = "base"  # the run holding lm.ckpt and fisher.pt that the other runs start from (from_run=base)
+UNROLL, STEPS = 10, 2
+# Meta-training small enough for seconds: 2 meta-steps of 10 inner steps, validation on 50 tokens once.
+# gate=paper (with the Fisher feature from fisher.pt): krause_init would first tune its rule on the slice.
+META_SWEEPABLE = ["experiment=smoke", *DATA, *QUIET, "stage=meta", "gate=paper", f"meta.steps={STEPS}",
+                  f"meta.val_every={STEPS}", "meta.val_tokens=50"]
+META = [*META_SWEEPABLE, f"from_run={BASE}", f"unroll={UNROLL}"]
+
+
+@pytest.fixture(scope="module")
+def base_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """paths.root with runs/base/{lm.ckpt, fisher.pt}: a 2-batch LM and a 600-token Fisher pass."""
+    root = tmp_path_factory.mktemp("scale")
+    common = ["experiment=smoke", f"name={BASE}", *DATA, *QUIET, "lm.trainer.max_epochs=1",
+              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "fisher.tokens=600",
+              "fisher.batch_size=4", "fisher.window=10", "fisher.ms_batch_size=10"]
+    for stage in ("lm", "fisher"):
+        run_stages(compose_config([*common, f"stage={stage}"], root))
+    GlobalHydra.instance().clear()
+    return root
+
+
+def phi(path: Path) -> dict[str, torch.Tensor]:
+    """The meta-learner's parameters in a meta checkpoint."""
+    sd = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in sd.items() if k.startswith("meta.")}
+
+
+def logged(run: Path, key: str) -> list[float]:
+    """Values of `key` in the run's CSV log, in step order."""
+    (path,) = run.glob("logs/version_*/metrics.csv")
+    with path.open() as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. DDP meta-training: 2 ranks × 1 stream make the same φ update as 1 process × 2 streams
+# ----------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_worker(rank: int, world: int, port: int, cfg: DictConfig, record: str) -> None:
+    """What torchrun gives each process: Lightning sees TorchElasticEnvironment and launches nothing itself,
+    so every rank runs the whole stage, as under torchrun or srun on a cluster. Each rank saves the training
+    streams it read to `record.<rank>`."""
+    init = meta_stage.UnrollChunks.__init__
+
+    def recording_init(self: meta_stage.UnrollChunks, streams: torch.Tensor, *args: int) -> None:
+        torch.save(streams.clone(), f"{record}.{rank}")
+        init(self, streams, *args)
+
+    meta_stage.UnrollChunks.__init__ = recording_init  # this forked process only
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
+                       "LOCAL_WORLD_SIZE": str(world), "TORCHELASTIC_RUN_ID": "test_scale"})
+    torch.set_num_threads(1)
+    try:
+        run_stages(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_make_the_single_process_phi_update(base_root: Path) -> None:
+    # Precondition: both streams reset θ at an article start inside the 2 unrolls, at different segments.
+    corpus = synthetic_corpus(articles=ARTICLES, article_len=ARTICLE_LEN)
+    train = batchify(corpus.splits["train"], 2)
+    mask = article_reset_mask(corpus.articles["train"], 2, train.size(1), 5)[:, : STEPS * UNROLL]
+    assert mask.any(1).all() and not torch.equal(mask[0], mask[1])
+
+    meta = [*META, "logger=csv", "meta.streams=2", "meta.trainer.log_every_n_steps=1"]
+    # One process, both streams (per-stream θ [2, P] through vmap, kernel=manual).
+    run_stages(compose_config([*meta, "name=one"], base_root))
+    # Two processes, one stream each (θ [P], the same kernel=manual: run() switches it for meta.streams > 1).
+    cfg = compose_config([*meta, "name=two", "trainer=ddp_cpu", "trainer.strategy=ddp"], base_root)
+    # fork: the children inherit the imported modules (a spawned child re-imports Lightning, ~10x slower).
+    record = str(base_root / "streams")
+    mp.start_processes(_torchrun_worker, args=(2, _free_port(), cfg, record), nprocs=2, join=True,
+                       start_method="fork")
+    for rank in (0, 1):  # each rank read its own stream, not both
+        assert torch.equal(torch.load(f"{record}.{rank}", weights_only=True), train[rank : rank + 1])
+        os.unlink(f"{record}.{rank}")
+
+    one, two = base_root / "one", base_root / "two"
+    a, b = phi(one / "meta-last.ckpt"), phi(two / "meta-last.ckpt")
+    assert a.keys() == b.keys()
+    assert float((a["meta.out.bias"] - torch.tensor([10.0, 0.0, -10.0])).abs().max()) > 1e-4  # φ moved from init
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max |Δφ| between 1 and 2 processes: {diff:.3g}")
+    assert diff <= 1e-6
+    # Adam's step hardly depends on the gradient's scale, so φ alone would not catch a rank dividing by the
+    # global token count (half the gradient): the logged pre-clip norm of the all-reduced gradient does.
+    g1, g2 = logged(one, "train/grad_norm"), logged(two, "train/grad_norm")
+    assert len(g1) == len(g2) == STEPS
+    for x, y in zip(g1, g2, strict=True):
+        assert math.isclose(x, y, rel_tol=1e-5), (g1, g2)
+    # One run directory, written once: rank 1 left no log version, checkpoint or hydra directory of its own.
+    assert sorted(p.name for p in base_root.iterdir()) == [BASE, "one", "two"]
+    assert [p.name for p in (two / "logs").iterdir()] == ["version_0"]
+    assert {"meta.ckpt", "meta-last.ckpt", "lm.ckpt", "fisher.pt"} <= {p.name for p in two.iterdir()}
+    assert os.path.samefile(two / "lm.ckpt", base_root / BASE / "lm.ckpt")  # linked, not retrained
+
+
+def test_streams_must_split_evenly_over_ranks(base_root: Path) -> None:
+    # Checked before any process starts (ddp_spawn with 2 devices: the trainer knows its world size).
+    cfg = compose_config([*META, "name=odd", "meta.streams=3", "trainer=ddp_cpu"], base_root)
+    with pytest.raises(DynlmError, match=r"meta\.streams=3 cannot be split evenly over 2 processes"):
+        run_stages(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Mixed precision: trainer.precision=bf16-mixed on CPU
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_bf16_mixed_lm_fisher_meta_stay_finite(base_root: Path) -> None:
+    common = ["experiment=smoke", "name=bf16", *DATA, *QUIET, "trainer.precision=bf16-mixed", "gate=paper",
+              "lm.trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+              "fisher.tokens=600", "fisher.batch_size=4", "fisher.window=10", "fisher.ms_batch_size=10",
+              f"unroll={UNROLL}", f"meta.steps={STEPS}", f"meta.val_every={STEPS}", "meta.val_tokens=50"]
+    res = {s: run_stages(compose_config([*common, f"stage={s}"], base_root))[s] for s in ("lm", "fisher", "meta")}
+    out = base_root / "bf16"
+    assert {"lm.ckpt", "fisher.pt", "meta.ckpt", "meta-last.ckpt"} <= {p.name for p in out.iterdir()}
+    assert math.isfinite(res["lm"]["val_ppl"])
+    m = res["meta"]
+    assert m["skipped"] == 0 and all(math.isfinite(m[k]) for k in ("val_ppl", "val_ppl_trained", "val_ppl_init"))
+    for k, v in phi(out / "meta-last.ckpt").items():  # φ stays float32 master weights
+        assert v.dtype == torch.float32 and torch.isfinite(v).all(), k
+    fisher = torch.load(out / "fisher.pt", map_location="cpu", weights_only=False)
+    assert all(t.dtype == torch.float32 for t in fisher["fisher"].values())  # the Fisher pass ran in fp32
+
+
+@pytest.mark.parametrize("param", ["paper", "krause"])
+def test_gate_update_is_float32_under_autocast(param: str) -> None:
+    """bf16 gates made f = σ(10) exactly 1 (the paper gate's COPY + FLUSH then drifts θ): the rule must give
+    the same θ_t with and without autocast."""
+    torch.manual_seed(0)
+    lm = AWDLSTM(30, emb_size=6, hidden_size=8, num_layers=2).eval()
+    dyn = DynamicWeights.build(lm)
+    dyn.ms = torch.rand(dyn.spec.numel) * 1e-4 + 1e-6
+    gate = {"param": param, "hidden": [8], "features": ["theta", "delta", "grad", "loss"], "embed_dim": 2}
+    rule = GateRule(build_meta_learner(gate, len(dyn.spec.names)), dyn)
+    theta = dyn.theta0 + 1e-3 * torch.randn_like(dyn.theta0)
+    grad, loss = 1e-2 * torch.randn_like(theta), torch.tensor(3.0)
+    ref = rule.update(theta, grad, loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = rule.update(theta, grad, loss)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Hydra multirun: one run directory per job
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_run_dir_is_per_job_only_in_multirun(tmp_path: Path) -> None:
+    single = compose_config(["experiment=smoke", "unroll=20"], tmp_path)
+    assert Path(single.paths.run_dir) == tmp_path / "smoke"  # overrides never move a single run
+    swept = compose_config(["experiment=smoke", "unroll=20", "stage=meta", "from_run=x", "hydra.mode=MULTIRUN"],
+                           tmp_path)
+    assert Path(swept.paths.run_dir) == tmp_path / "smoke" / "unroll=20"  # excluded keys do not name it
+    GlobalHydra.instance().clear()
+
+
+def test_multirun_jobs_write_separate_run_dirs(base_root: Path) -> None:
+    cmd = [sys.executable, "train.py", "-m", *META_SWEEPABLE, f"from_run={BASE}", f"paths.root={base_root}",
+           "name=sweep", "logger=none", "unroll=2,3", "gate.hidden=[8],[16]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = base_root / "sweep"
+    jobs = sorted(p.parent for p in sweep.glob("*/meta.ckpt"))
+    assert len(jobs) == 4, [p.name for p in sweep.iterdir()]
+    assert not (sweep / "meta.ckpt").exists()  # no job wrote into a shared directory
+    seen = set()
+    for job in jobs:
+        hp = torch.load(job / "meta.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+        unroll, hidden = hp["unroll"], tuple(hp["gate"]["hidden"])
+        seen.add((unroll, hidden))
+        # The directory is named by the job's own overrides and holds that job's result.
+        assert f"unroll={unroll}" in job.name and f"gate.hidden=[{hidden[0]}]" in job.name, job.name
+        assert os.path.samefile(job / "lm.ckpt", base_root / BASE / "lm.ckpt")
+    assert seen == {(u, (h,)) for u in (2, 3) for h in (8, 16)}
+
+
+def test_from_run_without_lm_says_what_to_do(tmp_path: Path) -> None:
+    cfg = compose_config([*META_SWEEPABLE, "from_run=nowhere"], tmp_path)
+    with pytest.raises(DynlmError, match=r"from_run: no lm\.ckpt in .*nowhere"):
+        run_stages(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. SLURM: the submitit launcher preset composes (nothing is submitted)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_slurm_launcher_preset_composes(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                        reason="hydra/launcher=slurm needs the optional plugin: pip install -e '.[slurm]'")
+    import hydra
+
+    cfg = compose_config(["hydra/launcher=slurm", "experiment=paper", "trainer=ddp", "trainer.devices=4",
+                          "trainer.num_nodes=2", "hydra.launcher.partition=gpu"], tmp_path)
+    launcher = hydra.utils.instantiate(cfg.hydra.launcher)  # builds the launcher; submits nothing
+    assert type(launcher).__name__ == "SlurmLauncher"
+    p = launcher.params
+    # One SLURM task per GPU on every node: what Lightning's SLURMEnvironment expects for trainer=ddp.
+    assert (p["nodes"], p["tasks_per_node"], p["gpus_per_node"], p["partition"]) == (2, 4, 4, "gpu")
+    assert p["max_num_timeout"] == 0
+    single = compose_config(["hydra/launcher=slurm", "trainer=gpu"], tmp_path)  # no num_nodes key: one node
+    assert hydra.utils.instantiate(single.hydra.launcher).params["nodes"] == 1
+    GlobalHydra.instance().clear()
