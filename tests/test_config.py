@@ -143,7 +143,8 @@ def test_debug_fast_limits_every_experiment(experiment: str, compose_cfg) -> Non
     """debug=fast must win over an experiment's own stage-lm trainer settings (lm.trainer is merged
     over trainer), or e.g. experiment=cpu validated 100 batches after every training batch."""
     cfg = compose_cfg([f"experiment={experiment}", "debug=fast"])
-    eff = OmegaConf.merge(OmegaConf.to_container(cfg.trainer), cfg.lm.get("trainer") or {})  # not struct: lm.trainer has our ckpt_every_n_steps
+    # not struct: lm.trainer carries our own ckpt_every_n_steps key
+    eff = OmegaConf.merge(OmegaConf.to_container(cfg.trainer), cfg.lm.get("trainer") or {})
     assert eff.max_epochs == 1
     assert eff.limit_train_batches <= 3 and eff.limit_val_batches <= 2
     assert eff.val_check_interval in (None, 1.0)

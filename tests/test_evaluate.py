@@ -170,6 +170,6 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     art["meta"] = {**art.get("meta", {}), "recomputed": True}
     torch.save(art, out / "fisher.pt")  # another file: the hash recorded in meta.ckpt no longer matches
     before = (out / "results.json").read_bytes()
-    with pytest.raises(DynlmError, match="another fisher.pt"):
+    with pytest.raises(DynlmError, match=r"another fisher\.pt"):
         evaluation.run(cfg)
     assert (out / "results.json").read_bytes() == before  # nothing already written is touched
