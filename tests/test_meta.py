@@ -141,6 +141,16 @@ def test_descent_gates_equal_plain_sgd(stream: tuple[Tensor, int]) -> None:
     want = reference_dynamic_eval(model, tokens, sgd)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert (got - static_losses(model, tokens)).abs().max() > 1e-2  # SGD really changed something
+    # gate=krause_init started from a tuned SGD rule (rms_scale=False, λ=0) IS that rule until it trains,
+    # through both the differentiable update and the chunked in-place one evaluation uses
+    dyn_f = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    meta = MetaLearner(len(dyn_f.spec.names), hidden=[8], features=["theta", "delta", "grad", "loss", "rms"],
+                       param="krause", embed_dim=3, lr=lr, lamb=0.0, rms_scale=False)
+    assert torch.allclose(adaptive_eval(model, tokens, GateRule(meta, dyn_f), SEG, dyn_f)[0], want, atol=1e-5)
+    theta, grad = dyn_f.theta0 + 0.01, torch.randn_like(dyn_f.theta0)
+    with torch.no_grad():
+        diff = GateRule(meta, dyn_f).update(theta, grad, torch.tensor(3.0)) - (theta - lr * grad)
+    assert diff.abs().max() < 1e-6
 
 
 def test_krause_init_matches_independent_krause(stream: tuple[Tensor, int]) -> None:

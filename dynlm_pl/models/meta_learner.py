@@ -22,7 +22,8 @@ Gate parametrizations (`param`):
           i = a·e^{o_i}, f = 1 − D(o_f), z = D(o_z), D(o) = clamp((d + d₀)·e^{o} − d₀, 0, 1), where
           d₀ = `lamb0`·(his decay rate) keeps the decay learnable when the tuned λ is 0 (then d = 0 and
           a purely multiplicative correction could never grow it). The last layer is zero at init, so
-          o = 0, D = d and the rule IS Krause's update until training moves it. Corrections o are
+          o = 0, D = d and the rule IS Krause's update until training moves it. With
+          `rms_scale=False` the step is a = −η for every coordinate: the rule starts as plain SGD. Corrections o are
           soft-clamped to ±`clamp` (a factor e^±clamp around his coefficients).
 `flush=False` (meta_noflush): z ≡ 0; the krause form then keeps f = 1 + λ·o_f (no decay at init).
 """
@@ -65,7 +66,7 @@ class MetaLearner(nn.Module):
     def __init__(self, n_tensors: int, hidden: Sequence[int] = (16,), activation: str = "tanh",
                  features: Sequence[str] = ("theta", "delta", "grad", "loss"), param: str = "paper",
                  flush: bool = True, embed_dim: int = 0, lr: float = 1e-3, lamb: float = 0.002, eps: float = 2e-5,
-                 lamb0: float = 1e-3, gate_bias: float = 10.0, init_scale: float = 1e-3, clamp: float = 5.0) -> None:
+                 lamb0: float = 1e-3, rms_scale: bool = True, gate_bias: float = 10.0, init_scale: float = 1e-3, clamp: float = 5.0) -> None:
         super().__init__()
         unknown = [f for f in features if f not in FEATURE_WIDTH]
         if unknown or param not in ("paper", "krause") or activation not in ACTIVATIONS or not hidden:
@@ -74,6 +75,7 @@ class MetaLearner(nn.Module):
                              f"hidden={list(hidden)} (at least one layer)")
         self.features, self.param, self.flush = tuple(features), param, flush
         self.lr, self.lamb, self.eps, self.clamp, self.lamb0 = lr, lamb, eps, clamp, lamb0
+        self.rms_scale = rms_scale
         width = sum(FEATURE_WIDTH[f] for f in features)
         sizes = [width, *hidden]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
@@ -113,6 +115,8 @@ class MetaLearner(nn.Module):
                 raise ValueError("gate=krause_init needs Krause's gradient statistics (ms) from fisher.pt: "
                                  "run `python train.py stage=fisher` first")
             ctx["a"], ctx["d"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb, self.eps)
+            if not self.rms_scale:  # start from plain SGD (−η for every coordinate) when that rule tuned best
+                ctx["a"] = torch.full_like(ctx["a"], -self.lr)
             # d₀ = lamb0 · rate: the same per-coordinate shape as Krause's decay, at a small fixed scale
             ctx["d0"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb0, self.eps)[1]
         self._ctx = (id(dyn), ctx)

@@ -385,8 +385,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from dynlm_pl.evaluation import tuned_baselines  # lazy: evaluation imports this module
 
         tuned = tuned_baselines(cfg, out, lm, val, DynamicWeights.build(lm, fisher_art=art), lm_sha, ["sgd", "rms"])
-        gate.update(tuned["rms"]["hparams"])
-        print(f"[meta] gate=krause_init starts from the tuned rms rule {tuned['rms']['hparams']}")
+        # ... whichever tuned best on the validation slice: Krause's RMS rule, or plain SGD (a = −η, no decay)
+        if tuned["sgd"]["tune_loss"] < tuned["rms"]["tune_loss"]:
+            gate.update(lr=tuned["sgd"]["hparams"]["lr"], lamb=0.0, rms_scale=False)
+            print(f"[meta] gate=krause_init starts from the tuned sgd rule {tuned['sgd']['hparams']} (it beat rms "
+                  "on the validation slice)")
+        else:
+            gate.update(**tuned["rms"]["hparams"], rms_scale=True)
+            print(f"[meta] gate=krause_init starts from the tuned rms rule {tuned['rms']['hparams']}")
     dyn = DynamicWeights.build(lm, list(m.dynamic.include), list(m.dynamic.exclude), art)
     print(f"[meta] {len(dyn.spec.names)} dynamic tensors, {dyn.spec.numel:,} coordinates; gate={gate['param']}, "
           f"unroll={unroll}, segment={segment}, streams={streams}, order={m.order}, "
