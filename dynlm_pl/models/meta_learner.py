@@ -66,7 +66,8 @@ class MetaLearner(nn.Module):
     def __init__(self, n_tensors: int, hidden: Sequence[int] = (16,), activation: str = "tanh",
                  features: Sequence[str] = ("theta", "delta", "grad", "loss"), param: str = "paper",
                  flush: bool = True, embed_dim: int = 0, lr: float = 1e-3, lamb: float = 0.002, eps: float = 2e-5,
-                 lamb0: float = 1e-3, rms_scale: bool = True, gate_bias: float = 10.0, init_scale: float = 1e-3, clamp: float = 5.0) -> None:
+                 lamb0: float = 1e-3, rms_scale: bool = True, gate_bias: float = 10.0, init_scale: float = 1e-3,
+                 clamp: float = 5.0) -> None:
         super().__init__()
         unknown = [f for f in features if f not in FEATURE_WIDTH]
         if unknown or param not in ("paper", "krause") or activation not in ACTIVATIONS or not hidden:

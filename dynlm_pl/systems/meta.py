@@ -347,14 +347,20 @@ def gate_config(cfg: DictConfig, has_fisher: bool) -> dict[str, Any]:
 
 
 def baselines(lm: AWDLSTM, dyn: DynamicWeights, tokens: Tensor, cfg: DictConfig,
-              gate: dict[str, Any]) -> dict[str, float]:
-    """Validation-slice loss of static, SGD and (with ms) Krause's RMS rule: what φ must beat."""
+              tuned: dict[str, Any] | None = None) -> dict[str, float]:
+    """Validation-slice loss of static, SGD and (with ms) Krause's RMS rule: what φ must beat. The tuned
+    hyperparameters (tuned.json) when there are, else meta.baseline's."""
     m, b = cfg.meta, cfg.meta.baseline
-    rules = {"static": StaticRule(), "sgd": SGDRule(float(b.sgd_lr))}
-    if dyn.ms is not None:  # gate=krause_init: the very rule φ starts from
-        src = gate if gate.get("param") == "krause" else {"lr": b.rms_lr, "lamb": b.rms_lamb, "eps": b.rms_eps}
-        rules["rms"] = RMSRule(dyn, float(src["lr"]), float(src["lamb"]), float(src["eps"]))
+    sgd = tuned["sgd"]["hparams"] if tuned else {"lr": b.sgd_lr}
+    rms = tuned["rms"]["hparams"] if tuned else {"lr": b.rms_lr, "lamb": b.rms_lamb, "eps": b.rms_eps}
+    rules = {"static": StaticRule(), "sgd": SGDRule(float(sgd["lr"]))}
+    if dyn.ms is not None:
+        rules["rms"] = RMSRule(dyn, float(rms["lr"]), float(rms["lamb"]), float(rms["eps"]))
     return {k: float(adaptive_eval(lm, tokens, r, int(m.segment), dyn).mean()) for k, r in rules.items()}
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # a diverged rule prints e^50, not an OverflowError
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -380,6 +386,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               "(same weights, same numbers)")
         lm.kernel = "manual"
     val = corpus.splits["valid"]
+    tuned: dict[str, Any] | None = None
     if gate.get("param") == "krause" and m.get("init_from_tuned", True):
         # Start from the TUNED Krause rule: the same grid search and tuned.json evaluate.py uses
         from dynlm_pl.evaluation import tuned_baselines  # lazy: evaluation imports this module
@@ -422,10 +429,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "data_source": corpus.source, "vocab_hash": corpus.vocab_hash,
                     "dynamic": OmegaConf.to_container(m.dynamic, resolve=True)})
     t0 = time.time()
-    base = baselines(lm, dyn, val, cfg, gate)
+    base = baselines(lm, dyn, val, cfg, tuned)
     init = module.adaptive_loss()
     print("[meta] validation slice (" + f"{val.numel()} tokens) ppl: "
-          + ", ".join(f"{k} {math.exp(v):.2f}" for k, v in base.items()) + f", meta@init {math.exp(init):.2f}")
+          + ", ".join(f"{k} {_ppl(v):.2f}" for k, v in base.items()) + f", meta@init {_ppl(init):.2f}")
     # φ at initialization is a candidate too: with gate=krause_init it IS Krause's rule, which meta.ckpt
     # must never do worse than on the validation slice.
     init_ckpt = {"hyper_parameters": dict(module.hparams), "dynamic_names": list(dyn.spec.names), "n_unrolls": 0,
@@ -461,16 +468,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         state.pop("resume_state", None)
         atomic_torch_save(state, out / f"{art_name}.ckpt")
     else:
-        print(f"[meta] no validation beat φ at initialization (best ppl {math.exp(min(best_loss, 50)):.2f} vs "
-              f"{math.exp(init):.2f}): {art_name}.ckpt keeps the initial φ")
+        print(f"[meta] no validation beat φ at initialization (best ppl {_ppl(best_loss):.2f} vs "
+              f"{_ppl(init):.2f}): {art_name}.ckpt keeps the initial φ")
         best_loss = init
         atomic_torch_save(init_ckpt, out / f"{art_name}.ckpt")
     last = ckpt.last_model_path or str(ckdir / "last.ckpt")  # ddp_spawn sends back only the best path
     if Path(last).is_file():
         atomic_copy(last, out / f"{art_name}-last.ckpt")
-    res = {"val_ppl": math.exp(best_loss), "val_ppl_trained": math.exp(min(float(score), 50.0)) if score is not None
+    res = {"val_ppl": _ppl(best_loss), "val_ppl_trained": _ppl(float(score)) if score is not None
            else math.nan,
-           "val_ppl_init": math.exp(init), **{f"val_ppl_{k}": math.exp(v) for k, v in base.items()},
+           "val_ppl_init": _ppl(init), **{f"val_ppl_{k}": _ppl(v) for k, v in base.items()},
            "steps": trainer.global_step, "skipped": module.skipped, "seconds": time.time() - t0}
     print(f"[meta] best val adaptive ppl {res['val_ppl']:.2f} (init {res['val_ppl_init']:.2f}, static "
           f"{res['val_ppl_static']:.2f}); wrote {out / f'{art_name}.ckpt'} in {res['seconds']:.0f}s")
