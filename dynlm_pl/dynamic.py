@@ -243,6 +243,13 @@ class GateRule(Rule):
         with torch.autocast(theta.device.type, enabled=False):
             return self.combine(theta, grad, *self.gates(theta, grad, loss, self.dyn))
 
+    def update_(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
+        if theta.dim() == 1 and hasattr(self.gates, "apply_"):  # chunked, in cache, in place (evaluation)
+            with torch.autocast(theta.device.type, enabled=False):
+                self.gates.apply_(theta, grad, loss, self.dyn)
+            return theta
+        return theta.copy_(self.update(theta, grad, loss))
+
     def combine(self, theta: Tensor, grad: Tensor, f: Tensor, i: Tensor, z: Tensor | None) -> Tensor:
         new = torch.addcmul(f * theta, i, grad)
         return new if z is None else new.addcmul(z, self.dyn.theta0)

@@ -91,6 +91,13 @@ class RecordingGateRule(GateRule):
         self.history.append(torch.stack([per_tensor(f), per_tensor(i), per_tensor(z_)]).cpu())
         return self.combine(theta, grad, f, i, z)
 
+    def update_(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
+        if theta.dim() == 1 and hasattr(self.gates, "apply_"):  # the chunked update returns these very means
+            with torch.autocast(theta.device.type, enabled=False):
+                self.history.append(self.gates.apply_(theta, grad, loss, self.dyn).cpu())
+            return theta
+        return theta.copy_(self.update(theta, grad, loss))
+
 
 # ----------------------------------------------------------------------------------------------------
 # Building each method's rule

@@ -360,3 +360,28 @@ def test_short_meta_training_lowers_validation_adaptive_loss(compose_cfg, tmp_pa
     assert math.isfinite(res["val_ppl_static"])
     meta, hp = meta_stage.load_meta(out / "meta.ckpt")
     assert isinstance(meta, MetaLearner) and hp["provenance"]["lm_sha256"]
+
+
+@pytest.mark.parametrize("param", ["paper", "krause"])
+def test_chunked_in_place_update_equals_the_differentiable_one(param: str) -> None:
+    """Evaluation updates θ chunk by chunk in place (MetaLearner.apply_); it must be the same rule as the
+    differentiable update meta-training uses, with the tensor embedding, over chunk and tensor boundaries."""
+    model = tiny_lm(50)
+    dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    meta = MetaLearner(len(dyn.spec.names), hidden=[8], features=["theta", "delta", "grad", "loss", "rms"],
+                       param=param, embed_dim=3, lr=1e-2)
+    with torch.no_grad():  # a trained-looking φ: the output layer is no longer its (near-)constant init
+        meta.out.weight.normal_(0, 0.3)
+    theta = dyn.theta0 + 1e-3 * torch.randn_like(dyn.theta0)
+    grad, loss = torch.randn_like(theta), torch.tensor(4.0)
+    rule = GateRule(meta, dyn)
+    with torch.no_grad():
+        want = rule.update(theta, grad, loss)
+        got = theta.clone()
+        means = meta.apply_(got, grad, loss, dyn, chunk=100)  # small chunks: many chunk boundaries per tensor
+    assert torch.allclose(got, want, atol=1e-7, rtol=1e-6)
+    assert (got - theta).abs().max() > 1e-4  # the update did something
+    f, i, z = meta(theta, grad, loss, dyn)
+    assert torch.allclose(means[1], torch.stack([t.mean() for t in i.split(dyn.spec.sizes)]), atol=1e-6)
+    th2 = theta.clone()
+    assert rule.update_(th2, grad, loss) is th2 and torch.equal(th2, got)  # what adaptive_eval calls
