@@ -381,7 +381,7 @@ def test_chunked_in_place_update_equals_the_differentiable_one(param: str) -> No
         means = meta.apply_(got, grad, loss, dyn, chunk=100)  # small chunks: many chunk boundaries per tensor
     assert torch.allclose(got, want, atol=1e-7, rtol=1e-6)
     assert (got - theta).abs().max() > 1e-4  # the update did something
-    f, i, z = meta(theta, grad, loss, dyn)
+    _, i, _ = meta(theta, grad, loss, dyn)
     assert torch.allclose(means[1], torch.stack([t.mean() for t in i.split(dyn.spec.sizes)]), atol=1e-6)
     th2 = theta.clone()
     assert rule.update_(th2, grad, loss) is th2 and torch.equal(th2, got)  # what adaptive_eval calls
