@@ -1,0 +1,76 @@
+"""One meta-learner update over model=small's 10.9M coordinates: whole-vector vs chunked in place.
+
+    python bench/bench_gate.py [--hidden 8 16] [--threads 1] [--repeat 3]
+
+`GateRule.update` (meta-training: differentiable, the MLP over all P coordinates at once, [P, k]
+features and [P, H] activations in memory) against `MetaLearner.apply_` (evaluation: 32k-coordinate
+chunks updated in place, activations in cache), with a plain SGD step as the memory-traffic floor.
+Random θ, ∇L and RMS (the cost does not depend on the values). Writes bench/results/bench_gate.md. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from dynlm_pl.dynamic import DynamicWeights, GateRule
+from dynlm_pl.models import AWDLSTM
+from dynlm_pl.models.meta_learner import MetaLearner
+
+FEATURES = ["theta", "delta", "grad", "loss", "fisher", "rms"]
+
+
+def best_of(fn, repeat: int) -> float:
+    fn()  # warm-up (allocator, first-touch)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model = AWDLSTM(vocab_size=33278, emb_size=256, hidden_size=512, num_layers=2)
+    dyn = DynamicWeights.build(model)
+    dyn.ms = torch.rand_like(dyn.theta0) * 1e-6 + 1e-9
+    dyn.fisher = dyn.ms
+    theta = dyn.theta0 + 1e-3 * torch.randn_like(dyn.theta0)
+    grad, loss = 1e-3 * torch.randn_like(theta), torch.tensor(5.0)
+    rows = []
+    with torch.no_grad():
+        sgd = best_of(lambda: theta.clone().add_(grad, alpha=-1e-3), a.repeat)
+        for param in ("paper", "krause"):
+            for h in a.hidden:
+                meta = MetaLearner(len(dyn.spec.names), hidden=[h], features=FEATURES, param=param, embed_dim=4)
+                rule = GateRule(meta, dyn)
+                full = best_of(lambda rule=rule: rule.update(theta, grad, loss), a.repeat)
+                th = theta.clone()
+                chunked = best_of(lambda meta=meta, th=th: meta.apply_(th, grad, loss, dyn), a.repeat)
+                rows.append((param, h, full, chunked))
+                print(param, h, f"whole {full:.3f}s chunked {chunked:.3f}s", flush=True)
+    lines = [f"`python bench/bench_gate.py --threads {a.threads}`: one update of all {dyn.spec.numel:,} coordinates "
+             f"of model=small (features {', '.join(FEATURES)}, tensor embedding 4), best of {a.repeat}; plain SGD "
+             f"step (θ − η∇L, a copy) {1000 * sgd:.0f} ms.", "",
+             "| gate | hidden | whole vector (GateRule.update) | chunked in place (apply_) | speed-up | vs SGD step |",
+             "|---|---|---|---|---|---|"]
+    for param, h, full, chunked in rows:
+        lines.append(f"| {param} | {h} | {1000 * full:.0f} ms | {1000 * chunked:.0f} ms | {full / chunked:.1f}x | "
+                     f"{chunked / sgd:.0f}x |")
+    out = Path(__file__).resolve().parent / "results" / "bench_gate.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
