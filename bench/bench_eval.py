@@ -1,62 +1,145 @@
-"""Tokens/s of each evaluate.py method (batch 1) at several segment lengths on model=small.
+"""Tokens/s and peak RSS of each evaluate.py method on model=small, against the machine's rooflines.
 
-    python bench/bench_eval.py [--tokens 2000] [--segments 5 20] [--threads 2]
+    python bench/bench_eval.py [--tokens 400] [--segments 5] [--streams 1 4 8 16] [--static-embedding]
+                               [--fused] [--threads 2] [--methods static sgd rms meta]
 
-Random model=small at the WikiText-2 vocabulary (33,278), random tokens, random positive `ms` for the
-RMS rule and the krause_init meta-learner (its cost does not depend on the values). Not a test.
+Random model=small at the WikiText-2 vocabulary (33,278), random tokens, random positive `ms` for the RMS
+rule and the krause_init meta-learner (linear gate, all six features; its cost does not depend on the values).
+`--streams B`: B streams with their own θ (eval.streams); `--tokens` is per stream. `--static-embedding`: the
+tied embedding/softmax matrix stays static and shared (meta.dynamic.exclude=[encoder.weight]), as in Krause's
+GPT-2 runs. `--fused`: the meta-learner's update as one compiled pass (eval.fused_gate). Each configuration runs
+in its own subprocess, so peak RSS is its own. Not a test.
+
+Rooflines (per token, per configuration):
+  memory: bytes of parameter-sized tensors touched per segment / the measured copy bandwidth. Per segment
+          each stream's dynamic θ is read by the forward and the backward, ∇L written, and the update reads θ
+          and ∇L and writes θ: 6·B·P_dyn floats, plus the static weights read twice (2·P_static), for B·T tokens.
+  matmul: the LM's forward+backward FLOPs (3x the forward's 2·(LSTM + softmax) multiply-adds) / the measured
+          GFLOP/s of a softmax-shaped matmul.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import subprocess
+import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
-from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval
-from dynlm_pl.evaluation import static_losses
-from dynlm_pl.models import AWDLSTM
-from dynlm_pl.models.meta_learner import build_meta_learner
-
 SMALL = dict(emb_size=256, hidden_size=512, num_layers=2)
-GATE = dict(param="krause", hidden=[16], activation="tanh", features=["theta", "delta", "grad", "loss", "rms"],
+V = 33278
+GATE = dict(param="krause", hidden=[], activation="tanh", features=["theta", "delta", "grad", "loss", "fisher", "rms"],
             embed_dim=4, flush=True, lr=5e-5, lamb=0.002, eps=2e-5)
 
 
-class _Art:  # the two fields DynamicWeights.build reads from a FisherArtifact
-    def __init__(self, model: AWDLSTM) -> None:
-        self.ms = {k: torch.rand_like(p) * 1e-6 + 1e-9 for k, p in model.named_parameters()}
-        self.fisher = dict(self.ms)
+def one(method: str, streams: int, segment: int, tokens: int, static_embedding: bool, fused: bool) -> dict:
+    """Run one configuration in this process: tokens/s (per stream-token) and what it touched."""
+    from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval
+    from dynlm_pl.evaluation import static_losses
+    from dynlm_pl.models import AWDLSTM
+    from dynlm_pl.models.meta_learner import build_meta_learner
+
+    torch.manual_seed(0)
+    model = AWDLSTM(V, **SMALL, kernel="manual" if streams > 1 else "fused").eval().requires_grad_(False)
+    data = torch.randint(0, V, (streams * tokens + 1,))
+
+    ms = {k: torch.rand_like(p) * 1e-6 + 1e-9 for k, p in model.named_parameters()}
+    art = SimpleNamespace(ms=ms, fisher=ms)  # the two fields DynamicWeights.build reads from a FisherArtifact
+    dyn = DynamicWeights.build(model, exclude=["encoder.weight"] if static_embedding else [], fisher_art=art)
+    total = sum(p.numel() for p in model.parameters())
+    if method == "static":
+        t0 = time.perf_counter()
+        static_losses(model, data, bptt=70, streams=streams)
+    else:
+        if method == "meta":
+            meta = build_meta_learner(GATE, len(dyn.spec.names)).eval()
+            meta.fused = fused
+            rule = GateRule(meta, dyn)
+        else:
+            rule = SGDRule(1e-3) if method == "sgd" else RMSRule(dyn, 5e-5, 0.002, 2e-5)
+        warm = data[: streams * 2 * segment + 1]  # first call: compile (fused), allocator warm-up
+        with torch.no_grad():
+            adaptive_eval(model, warm, rule, segment, dyn, batch_size=streams)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            adaptive_eval(model, data, rule, segment, dyn, batch_size=streams)
+    sec = time.perf_counter() - t0
+    return {"tokens_per_s": streams * tokens / sec, "p_dyn": dyn.spec.numel, "p_total": total,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def machine() -> dict:
+    """Measured copy bandwidth (bytes read + written per second) and softmax-shaped matmul GFLOP/s."""
+    x = torch.empty(64 << 20)  # 256 MB
+    x.normal_()
+    y = torch.empty_like(x)
+    best = min(_time(lambda: y.copy_(x)) for _ in range(5))
+    a, b = torch.randn(1120, 256), torch.randn(256, V)
+    mm = min(_time(lambda: a @ b) for _ in range(3))
+    return {"copy_gb_s": 2 * x.numel() * 4 / best / 1e9, "matmul_gflop_s": 2 * 1120 * 256 * V / mm / 1e9}
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=2000)
-    ap.add_argument("--segments", type=int, nargs="+", default=[5, 20])
+    ap.add_argument("--tokens", type=int, default=400, help="tokens per stream")
+    ap.add_argument("--segments", type=int, nargs="+", default=[5])
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--methods", nargs="+", default=["static", "sgd", "rms", "meta"])
+    ap.add_argument("--static-embedding", action="store_true")
+    ap.add_argument("--fused", action="store_true")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON, in a subprocess
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    model = AWDLSTM(33278, **SMALL).eval()
-    tokens = torch.randint(0, 33278, (a.tokens + 1,))
-    dyn = DynamicWeights.build(model, fisher_art=_Art(model))
-    meta = build_meta_learner(GATE, len(dyn.spec.names)).eval()
-    print(f"model=small {dyn.spec.numel:,} params, batch 1, {a.tokens} tokens, {a.threads} threads, "
-          f"load average {os.getloadavg()[0]:.1f}\n")
-    print("| method | segment | tokens/s | ratio to static |\n|---|---:|---:|---:|")
-    t0 = time.time()
-    static_losses(model, tokens, bptt=70)
-    static = a.tokens / (time.time() - t0)
-    print(f"| static | (window 70) | {static:,.0f} | 1.00 |")
+    if a.one:
+        print(json.dumps(one(**json.loads(a.one))))
+        return
+    m = machine()
+    # LM FLOPs per token (forward): 2·4H(I+H) per layer + 2·E·V softmax; training-like backward = 2x more
+    E, H = SMALL["emb_size"], SMALL["hidden_size"]
+    fwd = 2 * 4 * H * (E + H) + 2 * 4 * E * (H + E) + 2 * E * V  # layers 400->512 and 512->256 (last = emb)
+    print(f"model=small, {a.threads} threads, load average {os.getloadavg()[0]:.1f}; copy {m['copy_gb_s']:.1f} GB/s, "
+          f"softmax matmul {m['matmul_gflop_s']:.1f} GFLOP/s; static embedding: {a.static_embedding}, "
+          f"fused gate: {a.fused}\n")
+    print("| method | segment | B | tokens/s | vs static (same B) | vs B=1 | memory roofline | % | matmul roofline | % "
+          "| peak RSS (MB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seg in a.segments:
-        for name, rule in (("sgd", SGDRule(1e-3)), ("rms", RMSRule(dyn, 5e-5, 0.002, 2e-5)),
-                           ("meta", GateRule(meta, dyn))):
-            t0 = time.time()
-            with torch.no_grad():
-                adaptive_eval(model, tokens, rule, seg, dyn)
-            tps = a.tokens / (time.time() - t0)
-            print(f"| {name} | {seg} | {tps:,.1f} | {tps / static:.3f} |", flush=True)
+        base: dict[str, float] = {}
+        for B in a.streams:
+            static = None
+            for meth in a.methods:
+                cfg = dict(method=meth, streams=B, segment=seg, tokens=a.tokens, static_embedding=a.static_embedding,
+                           fused=a.fused)
+                out = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--one", json.dumps(cfg)],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    print(f"| {meth} | {seg} | {B} | failed: {out.stderr.strip().splitlines()[-1]} |", flush=True)
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                tps = r["tokens_per_s"]
+                static = tps if meth == "static" else static
+                base.setdefault(meth, tps)
+                if meth == "static":  # one pass over the weights per 70-token window of B streams
+                    mem = 70 * B / (r["p_total"] * 4 / (m["copy_gb_s"] * 1e9))
+                    mm = m["matmul_gflop_s"] * 1e9 / fwd
+                else:
+                    touched = (6 * B * r["p_dyn"] + 2 * (r["p_total"] - r["p_dyn"])) * 4
+                    mem = seg * B / (touched / (m["copy_gb_s"] * 1e9))
+                    mm = m["matmul_gflop_s"] * 1e9 / (3 * fwd)
+                vs = f"{tps / static:.3f}" if static else "-"
+                print(f"| {meth} | {seg} | {B} | {tps:,.1f} | {vs} | {tps / base[meth]:.2f} | {mem:,.0f} | "
+                      f"{100 * tps / mem:.0f}% | {mm:,.0f} | {100 * tps / mm:.0f}% | {r['rss_mb']:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

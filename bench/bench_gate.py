@@ -1,6 +1,6 @@
-"""One meta-learner update over model=small's 10.9M coordinates: whole-vector vs chunked in place.
+"""One meta-learner update over model=small's 10.9M coordinates: whole-vector, chunked in place, fused.
 
-    python bench/bench_gate.py [--hidden 8 16] [--threads 1] [--repeat 3]
+    python bench/bench_gate.py [--hidden 0 8 16] [--threads 1] [--repeat 3]
 
 `GateRule.update` (meta-training: differentiable, the MLP over all P coordinates at once, [P, k]
 features and [P, H] activations in memory) against `MetaLearner.apply_` (evaluation: 32k-coordinate
@@ -35,7 +35,7 @@ def best_of(fn, repeat: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--hidden", type=int, nargs="+", default=[0, 8, 16], help="0: a linear gate")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
@@ -52,21 +52,24 @@ def main() -> None:
         sgd = best_of(lambda: theta.clone().add_(grad, alpha=-1e-3), a.repeat)
         for param in ("paper", "krause"):
             for h in a.hidden:
-                meta = MetaLearner(len(dyn.spec.names), hidden=[h], features=FEATURES, param=param, embed_dim=4)
+                meta = MetaLearner(len(dyn.spec.names), hidden=[h] if h else [], features=FEATURES, param=param,
+                                   embed_dim=4)
                 rule = GateRule(meta, dyn)
                 full = best_of(lambda rule=rule: rule.update(theta, grad, loss), a.repeat)
                 th = theta.clone()
                 chunked = best_of(lambda meta=meta, th=th: meta.apply_(th, grad, loss, dyn), a.repeat)
-                rows.append((param, h, full, chunked))
-                print(param, h, f"whole {full:.3f}s chunked {chunked:.3f}s", flush=True)
+                meta.fused = True  # eval.fused_gate: one torch.compile'd pass per tensor (best_of warms it up)
+                fused = best_of(lambda meta=meta, th=th: meta.apply_(th, grad, loss, dyn), a.repeat)
+                rows.append((param, h, full, chunked, fused))
+                print(param, h, f"whole {full:.3f}s chunked {chunked:.3f}s fused {fused:.3f}s", flush=True)
     lines = [f"`python bench/bench_gate.py --threads {a.threads}`: one update of all {dyn.spec.numel:,} coordinates "
              f"of model=small (features {', '.join(FEATURES)}, tensor embedding 4), best of {a.repeat}; plain SGD "
              f"step (θ − η∇L, a copy) {1000 * sgd:.0f} ms.", "",
-             "| gate | hidden | whole vector (GateRule.update) | chunked in place (apply_) | speed-up | vs SGD step |",
-             "|---|---|---|---|---|---|"]
-    for param, h, full, chunked in rows:
-        lines.append(f"| {param} | {h} | {1000 * full:.0f} ms | {1000 * chunked:.0f} ms | {full / chunked:.1f}x | "
-                     f"{chunked / sgd:.0f}x |")
+             "| gate | hidden | whole vector (GateRule.update) | chunked in place (apply_) | fused, compiled "
+             "(eval.fused_gate) | fused vs SGD step |", "|---|---|---|---|---|---|"]
+    for param, h, full, chunked, fused in rows:
+        lines.append(f"| {param} | {h or 'linear'} | {1000 * full:.0f} ms | {1000 * chunked:.0f} ms | "
+                     f"{1000 * fused:.0f} ms | {fused / sgd:.1f}x |")
     out = Path(__file__).resolve().parent / "results" / "bench_gate.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -41,23 +41,29 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--reset", type=int, default=5, help="θ <- θ_0 every N unrolls (0: never)")
     ap.add_argument("--no-article-reset", action="store_true")
-    ap.add_argument("--hidden", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=16, help="gate hidden width (0: a linear gate)")
+    ap.add_argument("--start", choices=["best", "rms", "sgd"], default="rms",
+                    help="the tuned rule φ starts at (best: whichever tuned better, as stage=meta)")
     ap.add_argument("--feats", default="theta,delta,grad,loss,fisher,rms")
     ap.add_argument("--sel", type=int, default=4000)
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides the run was made with (data...)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=["experiment=smoke"])
+        cfg = compose("config", overrides=["experiment=smoke", *a.overrides])
     corpus = make_datamodule(cfg).load()
     val, test = corpus.splits["valid"], corpus.splits["test"]
     lm, _ = load_lm(a.run / "lm.ckpt")
     dyn = DynamicWeights.build(lm, fisher_art=load_fisher(a.run / "fisher.pt"))
-    rms = json.loads((a.run / "tuned.json").read_text())["best"]["rms"]["hparams"]
-    gate = dict(param="krause", hidden=[a.hidden], activation="tanh", features=a.feats.split(","), embed_dim=4,
-                flush=True, clamp=5.0, **rms)
+    tuned = json.loads((a.run / "tuned.json").read_text())["best"]
+    start = a.start if a.start != "best" else min(("sgd", "rms"), key=lambda k: tuned[k]["tune_loss"])
+    rms = tuned[start]["hparams"]
+    init = dict(rms, rms_scale=True) if start == "rms" else dict(lr=rms["lr"], lamb=0.0, rms_scale=False)
+    gate = dict(param="krause", hidden=[a.hidden] if a.hidden else [], activation="tanh",
+                features=a.feats.split(","), embed_dim=4, flush=True, clamp=5.0, **init)
     if a.data == "train":
         src, arts = corpus.splits["train"], corpus.articles["train"]
     else:
@@ -68,7 +74,7 @@ def main() -> None:
     mod = MetaTrainModule(lm, dyn, gate, segment=5, unroll=a.unroll, order=a.order, reset_every=a.reset,
                           lr=a.lr, train_streams=stream, reset_mask=mask, val_tokens=sel)
     opt = torch.optim.Adam(mod.meta.parameters(), lr=a.lr)
-    print(f"{vars(a)}\nstep 0: selection ppl {math.exp(mod.adaptive_loss()):.2f} (= tuned rms {rms})", flush=True)
+    print(f"{vars(a)}\nstep 0: selection ppl {math.exp(mod.adaptive_loss()):.2f} (= tuned {start} {rms})", flush=True)
     step, n_unrolls, theta, hidden, t0 = 0, 0, None, None, time.time()
     while step < a.steps:
         for chunk, first in mod.train_dataloader():

@@ -241,14 +241,26 @@ class GateRule(Rule):
         # float32 even under autocast (trainer.precision=bf16-mixed): bf16 gates round f = σ(10) to exactly 1
         # and i to 3 digits, changing the flat θ update itself (~10% of one step's size, measured).
         with torch.autocast(theta.device.type, enabled=False):
+            if theta.dim() == 1 and getattr(self.gates, "fused", False):  # meta.fused_gate: one compiled pass
+                return self.gates.fused_update(theta, grad, loss, self.dyn)
             return self.combine(theta, grad, *self.gates(theta, grad, loss, self.dyn))
 
     def update_(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
-        if theta.dim() == 1 and hasattr(self.gates, "apply_"):  # chunked, in cache, in place (evaluation)
-            with torch.autocast(theta.device.type, enabled=False):
-                self.gates.apply_(theta, grad, loss, self.dyn)
-            return theta
-        return theta.copy_(self.update(theta, grad, loss))
+        self.apply_(theta, grad, loss)
+        return theta
+
+    def apply_(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor | None:
+        """In place; returns the per-tensor mean gates [3, n_tensors] (averaged over streams) when the gate
+        module updates in place itself (`MetaLearner.apply_`: chunked or compiled, stream by stream)."""
+        if not hasattr(self.gates, "apply_"):
+            theta.copy_(self.update(theta, grad, loss))
+            return None
+        with torch.autocast(theta.device.type, enabled=False):
+            if theta.dim() == 1:
+                return self.gates.apply_(theta, grad, loss, self.dyn)
+            # B streams [B, P]: row by row (each a view of θ, updated in place with its own loss)
+            return torch.stack([self.gates.apply_(theta[b], grad[b], loss[b], self.dyn)
+                                for b in range(theta.size(0))]).mean(0)
 
     def combine(self, theta: Tensor, grad: Tensor, f: Tensor, i: Tensor, z: Tensor | None) -> Tensor:
         new = torch.addcmul(f * theta, i, grad)
@@ -296,24 +308,34 @@ def segments(n: int, segment: int) -> list[tuple[int, int]]:
     return [(i, min(segment, n - 1 - i)) for i in range(0, n - 1, segment)]
 
 
+def stream_rows(tokens: Tensor, n_streams: int) -> Tensor:
+    """[N] -> [B, n+1], n = (N−1)//B: row b reads tokens b·n .. b·n+n, so consecutive rows overlap by one
+    token and every target 1..B·n is scored exactly once (row-major order = stream order)."""
+    n = (tokens.numel() - 1) // n_streams
+    require(n >= 1, f"{tokens.numel()} tokens cannot fill {n_streams} streams; lower eval.streams")
+    return tokens[: n_streams * n + 1].unfold(0, n + 1, n)
+
+
 def adaptive_eval(model: AWDLSTM, tokens: Tensor, rule: Rule, segment: int = 5, dyn: DynamicWeights | None = None,
                   batch_size: int = 1, reset_at: Sequence[int] = (), progress: bool = False,
-                  on_segment: Callable[[int, Tensor], None] | None = None) -> Tensor:
-    """Dynamic evaluation: per-token losses [B, N−1] (B=1: the split in stream order).
+                  on_segment: Callable[[int, Tensor], None] | None = None, shared: bool = False) -> Tensor:
+    """Dynamic evaluation: per-token losses [B, n] of the targets 1..B·n in stream order (`stream_rows`).
 
-    Score each segment with θ_{t-1} first, then update; hidden state carried across segments. Every
-    stream keeps its own θ (batch 1 = Krause's protocol). `reset_at`: token offsets (e.g. article
-    starts, B=1) where θ goes back to θ_0 before the segment containing them.
+    Score each segment with θ_{t-1} first, then update; hidden state carried across segments. B = 1 is
+    Krause's protocol. B > 1 reads B contiguous pieces of the split in parallel; each stream keeps its own
+    θ [B, P] (the same numbers as B separate batch-1 runs; needs `kernel=manual`), or with `shared=True` one
+    θ [P] for all of them, updated with the gradient of the streams' summed mean losses (the paper's batch
+    mode). `reset_at`: token offsets (e.g. article starts, B=1) where θ goes back to θ_0 before the segment
+    containing them.
     """
     dyn = dyn or DynamicWeights.build(model)
     was_training = model.training
     model.eval()
     dev = dyn.theta0.device
-    streams = tokens.view(1, -1) if batch_size == 1 else tokens[: tokens.numel() // batch_size * batch_size].view(
-        batch_size, -1)
-    streams = streams.to(dev)
+    streams = stream_rows(tokens, batch_size).to(dev)
     n = streams.size(1)
-    theta = dyn.theta0.clone() if batch_size == 1 else dyn.theta0.expand(batch_size, -1).clone()
+    own = batch_size > 1 and not shared  # one θ per stream
+    theta = dyn.theta0.expand(batch_size, -1).clone() if own else dyn.theta0.clone()
     theta.requires_grad_(True)
     hidden = model.init_hidden(batch_size)
     out = torch.empty(batch_size, n - 1, device=dev, dtype=torch.promote_types(dyn.theta0.dtype, torch.float32))
@@ -333,7 +355,7 @@ def adaptive_eval(model: AWDLSTM, tokens: Tensor, rule: Rule, segment: int = 5, 
         hidden = [(h.detach(), c.detach()) for h, c in hidden]
         with torch.no_grad():
             out[:, start : start + t] = losses.detach()
-            rule.update_(theta, grad, per_stream.detach() if batch_size > 1 else per_stream.detach().mean())
+            rule.update_(theta, grad, per_stream.detach() if own else per_stream.detach().mean())
         if on_segment is not None:
             on_segment(start, theta)
     model.train(was_training)

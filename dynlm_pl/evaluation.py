@@ -37,7 +37,7 @@ from tqdm import tqdm
 from dynlm_pl import report
 from dynlm_pl.common import atomic_write_text, file_sha256, make_datamodule, run_dir
 from dynlm_pl.data import UNK, Corpus, StreamWindows, article_index, batchify, read_lines
-from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, Rule, SGDRule, adaptive_eval
+from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, Rule, SGDRule, adaptive_eval, stream_rows
 from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
 from dynlm_pl.systems.lm import check_same_data, load_lm
@@ -61,16 +61,18 @@ def static_eval(model: AWDLSTM, tokens: Tensor, batch_size: int = 1, bptt: int =
 
 
 @torch.no_grad()
-def static_losses(model: AWDLSTM, tokens: Tensor, bptt: int = 70, progress: bool = False) -> Tensor:
-    """Per-token losses [N-1] of the static LM over `tokens` read as one stream."""
+def static_losses(model: AWDLSTM, tokens: Tensor, bptt: int = 70, progress: bool = False,
+                  streams: int = 1) -> Tensor:
+    """Per-token losses of the static LM over `tokens` read as `streams` rows (`stream_rows`), flat in
+    stream order: [N-1] for one stream, the same targets as `adaptive_eval` for B."""
     model.eval()
-    stream = tokens.view(1, -1)
-    hidden, out = model.init_hidden(1), []
-    for x, y in tqdm(StreamWindows(stream, bptt), disable=not progress, desc="static", leave=False):
+    rows = stream_rows(tokens, streams)
+    hidden, out = model.init_hidden(streams), []
+    for x, y in tqdm(StreamWindows(rows, bptt), disable=not progress, desc="static", leave=False):
         o = model(x, hidden)
         hidden = detach_hidden(o.hidden)
-        out.append(lm_loss(o.logits, y, reduction="none"))
-    return torch.cat(out)
+        out.append(lm_loss(o.logits, y, reduction="none").view(streams, -1))
+    return torch.cat(out, dim=1).reshape(-1)
 
 
 class RecordingGateRule(GateRule):
@@ -86,17 +88,16 @@ class RecordingGateRule(GateRule):
         z_ = torch.zeros_like(theta) if z is None else z
 
         def per_tensor(g: Tensor) -> Tensor:
-            return torch.stack([t.mean() for t in g.expand_as(theta).split(sizes)])
+            return torch.stack([t.mean() for t in g.expand_as(theta).split(sizes, dim=-1)])
 
         self.history.append(torch.stack([per_tensor(f), per_tensor(i), per_tensor(z_)]).cpu())
         return self.combine(theta, grad, f, i, z)
 
     def update_(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
-        if theta.dim() == 1 and hasattr(self.gates, "apply_"):  # the chunked update returns these very means
-            with torch.autocast(theta.device.type, enabled=False):
-                self.history.append(self.gates.apply_(theta, grad, loss, self.dyn).cpu())
-            return theta
-        return theta.copy_(self.update(theta, grad, loss))
+        means = self.apply_(theta, grad, loss)  # the in-place update returns these very means
+        if means is not None:
+            self.history.append(means.cpu())
+        return theta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,7 +132,12 @@ def _meta_rule(path: Path, lm: AWDLSTM, lm_sha: str, art: Any | None) -> tuple[R
 
 def tune(lm: AWDLSTM, tokens: Tensor, dyn: DynamicWeights, segment: int, grid: DictConfig,
          methods: list[str]) -> dict[str, dict[str, Any]]:
-    """Grid search of `sgd` lr and `rms` (lr, λ) on `tokens` (a validation slice): lowest loss wins."""
+    """Grid search of `sgd` lr and `rms` (lr, λ) on `tokens` (a validation slice), then a pattern search
+    around the grid's best (`grid.refine` rounds): lowest loss wins.
+
+    Why the refinement: a coarse grid whose best sits on its edge or between two points would hand the
+    meta-learner, which tunes its rule continuously, an easy win over a baseline nobody tuned properly.
+    """
     best: dict[str, dict[str, Any]] = {}
     spaces: dict[str, list[dict[str, float]]] = {}
     if "sgd" in methods:
@@ -140,16 +146,49 @@ def tune(lm: AWDLSTM, tokens: Tensor, dyn: DynamicWeights, segment: int, grid: D
         spaces["rms"] = [{"lr": float(a), "lamb": float(b), "eps": float(grid.rms_eps)}
                          for a, b in itertools.product(grid.rms_lr, grid.rms_lamb)]
     for method, space in spaces.items():
-        trials = []
-        for hp in tqdm(space, desc=f"tune {method}", leave=False):
+        trials: list[dict[str, float]] = []
+
+        def loss_of(hp: dict[str, float], method: str = method, trials: list = trials) -> float:
+            for t in trials:  # memoized: the pattern search revisits points
+                if all(math.isclose(t[k], v, rel_tol=1e-9) for k, v in hp.items()):
+                    return t["loss"]
             rule = SGDRule(hp["lr"]) if method == "sgd" else RMSRule(dyn, hp["lr"], hp["lamb"], hp["eps"])
             loss = float(adaptive_eval(lm, tokens, rule, segment, dyn).mean())
             trials.append({**hp, "loss": loss if math.isfinite(loss) else math.inf})
+            return trials[-1]["loss"]
+
+        for hp in tqdm(space, desc=f"tune {method}", leave=False):
+            loss_of(hp)
         top = min(trials, key=lambda t: t["loss"])
-        best[method] = {"hparams": {k: v for k, v in top.items() if k != "loss"}, "tune_loss": top["loss"],
-                        "trials": trials}
-        print(f"[evaluate] tuned {method} on {tokens.numel()} validation tokens: {best[method]['hparams']} "
-              f"(ppl {math.exp(top['loss']):.2f})")
+        hp = pattern_search({k: v for k, v in top.items() if k != "loss"}, loss_of,
+                            ["lr"] if method == "sgd" else ["lr", "lamb"], float(grid.get("refine_step", 3.0)),
+                            int(grid.get("refine", 0)))
+        best[method] = {"hparams": hp, "tune_loss": loss_of(hp), "trials": trials}
+        print(f"[evaluate] tuned {method} on {tokens.numel()} validation tokens ({len(trials)} trials): "
+              f"{best[method]['hparams']} (ppl {math.exp(best[method]['tune_loss']):.2f})")
+    return best
+
+
+def pattern_search(hp: dict[str, float], loss_of: Any, keys: list[str], step: float, rounds: int,
+                   max_moves: int = 4) -> dict[str, float]:
+    """Coordinate search in log space: move each key by ×step (or ÷step) while the loss falls, up to
+    `max_moves` times (past the grid's edge too), then take √step; `rounds` times. Zero stays zero."""
+    best, best_loss = dict(hp), loss_of(hp)
+    for _ in range(rounds):
+        for k in keys:
+            if best[k] <= 0:
+                continue
+            for f in (step, 1.0 / step):
+                moved = 0
+                while moved < max_moves:
+                    cand = {**best, k: best[k] * f}
+                    loss = loss_of(cand)
+                    if not loss < best_loss:
+                        break
+                    best, best_loss, moved = cand, loss, moved + 1
+                if moved:  # it went this way: the other way was worse already
+                    break
+        step = math.sqrt(step)
     return best
 
 
@@ -217,6 +256,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     require(limit is None or int(limit) >= 2, f"eval.max_tokens must be >= 2 (or null for whole splits), got {limit}")
     segment = int(e.segment)
     require(segment >= 1, f"eval.segment must be a positive number of tokens, got {segment}")
+    n_streams, shared = int(e.get("streams", 1)), bool(e.get("shared_theta", False))
+    require(n_streams >= 1, f"eval.streams must be a positive integer, got {n_streams}")
+    if n_streams > 1 and not shared and lm.kernel == "fused":
+        print(f"[evaluate] eval.streams={n_streams} keeps one θ per stream through vmap: switching the LM to "
+              "kernel=manual (same weights, same numbers)")
+        lm.kernel = "manual"
 
     art = _load_fisher(out, lm_sha)
     rules: dict[str, Rule | None] = {}
@@ -238,6 +283,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     (" gate.flush=false)" if m == "meta_noflush" else ")")
                 continue
             rules[m], dyns[m] = _meta_rule(path, lm, lm_sha, art)
+            rules[m].gates.fused = bool(e.get("fused_gate", False))  # one compiled pass over θ per update
             hashes[path.name] = file_sha256(path)
         else:
             rules[m] = None  # built after tuning
@@ -256,7 +302,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             rules["rms"], dyns["rms"] = RMSRule(base_dyn, h["lr"], h["lamb"], h["eps"]), base_dyn
 
     results: dict[str, Any] = {
-        "protocol": {"streams": 1, "segment": segment, "order": "score then update", "max_tokens": limit,
+        "protocol": {"streams": n_streams, "theta": "shared" if shared and n_streams > 1 else "per stream",
+                     "segment": segment, "order": "score then update", "max_tokens": limit,
                      "ppl": "exp(total loss / tokens scored)", "static_window": int(cfg.data.bptt)},
         "checkpoints": hashes, "data": {"source": corpus.source, "vocab": corpus.vocab_hash},
         "skipped": notes, "splits": {}}
@@ -275,15 +322,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for m, rule in rules.items():
             t0 = time.time()
             if rule is None:
-                lt = static_losses(lm, tokens, int(cfg.data.bptt), progress=True).view(-1)
+                lt = static_losses(lm, tokens, int(cfg.data.bptt), progress=True, streams=n_streams)
             else:
                 if isinstance(rule, RecordingGateRule):
                     rule.history = []
                 drift: list[float] = []  # ‖θ_t − θ_0‖ after every update: adaptation must stay bounded
                 d0 = dyns[m].theta0
-                lt = adaptive_eval(lm, tokens, rule, segment, dyns[m], progress=True,
-                                   on_segment=lambda _s, th, d0=d0, drift=drift: drift.append(
-                                       float(torch.dist(th.detach(), d0)))).view(-1)
+                # ‖θ_t − θ_0‖ (the largest over streams when each keeps its own θ)
+                lt = adaptive_eval(lm, tokens, rule, segment, dyns[m], batch_size=n_streams, shared=shared,
+                                   progress=True, on_segment=lambda _s, th, d0=d0, drift=drift: drift.append(
+                                       float((th.detach() - d0).norm(dim=-1).max()))).view(-1)
                 if m == "meta" and isinstance(rule, RecordingGateRule) and rule.history:
                     gates = torch.stack(rule.history)  # [n_segments, 3, n_tensors]
             sec = time.time() - t0

@@ -83,7 +83,9 @@ def test_results_json_fields(evaluated: tuple[DictConfig, dict, Path]) -> None:
         assert "theta_drift_max" not in r["splits"][split]["static"]
     assert "| method |" in (out / "results.md").read_text()
     tuned = json.loads((out / "tuned.json").read_text())
-    assert set(tuned["best"]) == {"sgd", "rms"} and len(tuned["best"]["rms"]["trials"]) == 4
+    rms = tuned["best"]["rms"]
+    assert set(tuned["best"]) == {"sgd", "rms"} and len(rms["trials"]) >= 4  # the 2x2 grid, then its refinement
+    assert rms["tune_loss"] == min(t["loss"] for t in rms["trials"]) <= min(t["loss"] for t in rms["trials"][:4])
 
 
 def test_plots_and_html_written(evaluated: tuple[DictConfig, dict, Path]) -> None:
@@ -173,3 +175,17 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     with pytest.raises(DynlmError, match=r"another fisher\.pt"):
         evaluation.run(cfg)
     assert (out / "results.json").read_bytes() == before  # nothing already written is touched
+
+
+def test_pattern_search_leaves_the_grid_for_a_better_point() -> None:
+    """The tuned baseline is not stuck on a grid's edge: a loss with its minimum at lr = 0.05, beyond a grid
+    whose largest lr is 0.01, is found to within the last step (3^(1/4) ≈ 1.32x)."""
+    calls: list[float] = []
+
+    def loss_of(hp: dict[str, float]) -> float:
+        calls.append(hp["lr"])
+        return (math.log(hp["lr"]) - math.log(0.05)) ** 2 if hp["lr"] > 0 else 10.0
+
+    best = evaluation.pattern_search({"lr": 0.01}, loss_of, ["lr"], step=3.0, rounds=3)
+    assert abs(math.log(best["lr"] / 0.05)) <= math.log(3.0) / 8 + 1e-9
+    assert evaluation.pattern_search({"lr": 0.0}, loss_of, ["lr"], 3.0, 2) == {"lr": 0.0}  # zero stays zero

@@ -198,9 +198,9 @@ def test_dynamic_selection_and_streams(stream: tuple[Tensor, int]) -> None:
     model.kernel = "manual"
     dyn = DynamicWeights.build(model)
     rule = GateRule(ConstGates(1.0, -0.5, 0.0), dyn)
-    both = adaptive_eval(model, tokens[:200], rule, SEG, dyn, batch_size=2)
-    for b in range(2):
-        alone = adaptive_eval(model, tokens[b * 100 : (b + 1) * 100], rule, SEG, dyn)[0]
+    both = adaptive_eval(model, tokens[:201], rule, SEG, dyn, batch_size=2)
+    for b in range(2):  # row b reads tokens b·100 .. b·100+100 (rows overlap by one token)
+        alone = adaptive_eval(model, tokens[b * 100 : (b + 1) * 100 + 1], rule, SEG, dyn)[0]
         assert torch.allclose(both[b], alone, atol=1e-5)
 
 
@@ -385,3 +385,44 @@ def test_chunked_in_place_update_equals_the_differentiable_one(param: str) -> No
     assert torch.allclose(means[1], torch.stack([t.mean() for t in i.split(dyn.spec.sizes)]), atol=1e-6)
     th2 = theta.clone()
     assert rule.update_(th2, grad, loss) is th2 and torch.equal(th2, got)  # what adaptive_eval calls
+
+
+@pytest.mark.parametrize(("param", "hidden"), [("krause", []), ("paper", [8])])
+def test_fused_compiled_update_equals_the_chunked_one(stream: tuple[Tensor, int], param: str,
+                                                     hidden: list[int]) -> None:
+    """eval.fused_gate: the coordinate-wise network under torch.compile == the matmul network, chunked."""
+    _, vocab = stream
+    model = tiny_lm(vocab)
+    dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    meta = MetaLearner(len(dyn.spec.names), hidden=hidden, features=["theta", "delta", "grad", "loss", "fisher", "rms"],
+                       param=param, embed_dim=3, lr=0.1, lamb=0.01)
+    with torch.no_grad():  # away from the initial (constant) output, so every feature and weight matters
+        meta.out.weight.normal_(0, 0.3)
+        meta.embed_proj.weight.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(1)
+    theta = dyn.theta0 + 1e-2 * torch.randn(dyn.theta0.shape, generator=g)
+    grad = 1e-2 * torch.randn(theta.shape, generator=g)
+    loss = torch.tensor(4.2)
+    eager, fused = theta.clone(), theta.clone()
+    means_eager = meta.apply_(eager, grad, loss, dyn)
+    meta.fused = True
+    means_fused = meta.apply_(fused, grad, loss, dyn)
+    assert (eager - theta).abs().max() > 1e-4  # the update did something
+    assert torch.allclose(fused, eager, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(means_fused, means_eager, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_fused_training_update_gives_the_same_meta_gradient(stream: tuple[Tensor, int], order: int) -> None:
+    """meta.fused_gate: the compiled differentiable update (MetaLearner.fused_update), checkpointed, gives the
+    eager meta-gradient (float64: agreement to rounding, not to float32's reduction-order noise)."""
+    tokens, vocab = stream
+    chunk = tokens[None, : 6 * SEG + 1]
+    grads = []
+    for fused in (False, True):
+        module = double_module(vocab, order, checkpointing=True, unroll=6)
+        module.meta.fused = fused
+        grads.append(torch.autograd.grad(meta_loss(module, chunk), list(module.meta.parameters())))
+    assert max(float(g.abs().max()) for g in grads[0]) > 1e-6
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -5,6 +5,7 @@ Every test reads the same tiny pretrained LM and Fisher pass (`base_root`), made
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
@@ -20,11 +21,12 @@ import torch.multiprocessing as mp
 from conftest import REPO_ROOT, compose_config
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
+from test_meta import fake_fisher
 
 from dynlm_pl.data import batchify, synthetic_corpus
-from dynlm_pl.dynamic import DynamicWeights, GateRule
+from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval, stream_rows
 from dynlm_pl.errors import DynlmError
-from dynlm_pl.models.awd_lstm import AWDLSTM
+from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
 from dynlm_pl.models.meta_learner import build_meta_learner
 from dynlm_pl.stages import run_stages
 from dynlm_pl.systems import meta as meta_stage
@@ -40,8 +42,8 @@ BASE = "base"  # the run holding lm.ckpt and fisher.pt that the other runs start
 UNROLL, STEPS = 10, 2
 # Meta-training small enough for seconds: 2 meta-steps of 10 inner steps, validation on 50 tokens once.
 # gate=paper (with the Fisher feature from fisher.pt): krause_init would first tune its rule on the slice.
-META_SWEEPABLE = ["experiment=smoke", *DATA, *QUIET, "stage=meta", "gate=paper", f"meta.steps={STEPS}",
-                  f"meta.val_every={STEPS}", "meta.val_tokens=50"]
+META_SWEEPABLE = ["experiment=smoke", *DATA, *QUIET, "stage=meta", "gate=paper", "meta.data=train",
+                  f"meta.steps={STEPS}", f"meta.val_every={STEPS}", "meta.val_tokens=50"]
 META = [*META_SWEEPABLE, f"from_run={BASE}", f"unroll={UNROLL}"]
 
 
@@ -254,3 +256,59 @@ def test_slurm_launcher_preset_composes(tmp_path: Path) -> None:
     single = compose_config(["hydra/launcher=slurm", "trainer=gpu"], tmp_path)  # no num_nodes key: one node
     assert hydra.utils.instantiate(single.hydra.launcher).params["nodes"] == 1
     GlobalHydra.instance().clear()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Per-stream dynamic weights in evaluation: B streams, each with its own θ, == B batch-1 runs
+# ----------------------------------------------------------------------------------------------------
+
+
+def _tiny_model(vocab: int) -> AWDLSTM:
+    torch.manual_seed(0)
+    return AWDLSTM(vocab, emb_size=8, hidden_size=12, num_layers=2, dropout=0.0, dropouth=0.0, dropouti=0.0,
+                   dropoute=0.0, wdrop=0.0, kernel="manual").eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("rule_name", ["sgd", "rms", "meta"])
+def test_per_stream_eval_equals_separate_batch1_runs(synthetic_corpus_session, rule_name: str) -> None:
+    tokens = synthetic_corpus_session.splits["valid"][:403]
+    model = _tiny_model(len(synthetic_corpus_session.vocab))
+    dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    gate = {"param": "krause", "hidden": [], "features": ["theta", "delta", "grad", "loss", "rms"], "embed_dim": 2,
+            "lr": 0.3, "lamb": 0.01}
+    meta = build_meta_learner(gate, len(dyn.spec.names))
+    with torch.no_grad():  # a rule away from its Krause initialisation: corrections that depend on the features
+        meta.out.weight.normal_(0, 0.3)
+    rule = {"sgd": SGDRule(0.5), "rms": RMSRule(dyn, 1e-4, 0.01, 2e-5), "meta": GateRule(meta, dyn)}[rule_name]
+    B = 4
+    got = adaptive_eval(model, tokens, rule, 5, dyn, batch_size=B)  # [B, n]
+    rows = stream_rows(tokens, B)
+    assert got.shape == (B, rows.size(1) - 1)
+    for b in range(B):
+        alone = adaptive_eval(model, rows[b], rule, 5, dyn)[0]
+        assert torch.allclose(got[b], alone, atol=1e-5, rtol=0), (rule_name, b, (got[b] - alone).abs().max())
+    assert (got.std(0) > 0).any()  # the streams read different text (a test that cannot pass by symmetry)
+
+
+def test_shared_theta_eval_equals_an_independent_batch_loop(synthetic_corpus_session) -> None:
+    """eval.shared_theta: one θ for all B streams, updated with the gradient of Σ_b mean loss of stream b."""
+    tokens = synthetic_corpus_session.splits["valid"][:403]
+    model = _tiny_model(len(synthetic_corpus_session.vocab))
+    model.kernel = "fused"
+    B, lr = 4, 0.5
+    got = adaptive_eval(model, tokens, SGDRule(lr), 5, batch_size=B, shared=True)
+    rows = stream_rows(tokens, B)
+    ref = copy.deepcopy(model).requires_grad_(True)
+    hidden, want = ref.init_hidden(B), []
+    for s in range(0, rows.size(1) - 1, 5):
+        x, y = rows[:, s : s + 5], rows[:, s + 1 : s + 6]
+        ref.zero_grad()
+        o = ref(x, hidden)
+        hidden = detach_hidden(o.hidden)
+        losses = lm_loss(o.logits, y, reduction="none").view(B, -1)
+        losses.mean(1).sum().backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= lr * p.grad
+        want.append(losses.detach())
+    assert torch.allclose(got, torch.cat(want, 1), atol=1e-5, rtol=0)

@@ -15,6 +15,11 @@ Features per coordinate (`features`, in this order):
 plus, with `embed_dim > 0`, a learned embedding of the parameter tensor the coordinate belongs to
 (enters as a per-tensor bias of the first layer: no [P, embed_dim] tensor is built).
 
+`hidden: []` makes g_φ linear in the features (o = W·x + b_tensor): a few multiply-adds per coordinate,
+so an update costs about what Krause's rule costs, and the rule it learns is his with per-tensor and
+feature-dependent corrections of the step and the decay. A hidden layer of H units costs ~H·(k+3)
+multiply-adds per coordinate more (k features).
+
 Gate parametrizations (`param`):
   paper   plain MLP, f = σ(o_f), i = −η·softplus(o_i)/ln 2, z = σ(o_z); the last layer starts near
           zero with biases (+b, 0, −b): f ≈ 1, z ≈ 0 (COPY, f + z = 1 exactly) and i ≈ −η.
@@ -70,10 +75,11 @@ class MetaLearner(nn.Module):
                  clamp: float = 5.0) -> None:
         super().__init__()
         unknown = [f for f in features if f not in FEATURE_WIDTH]
-        if unknown or param not in ("paper", "krause") or activation not in ACTIVATIONS or not hidden:
+        if unknown or param not in ("paper", "krause") or activation not in ACTIVATIONS or \
+                any(int(h) < 1 for h in hidden):
             raise ValueError(f"bad meta-learner config: features {unknown} unknown (use {list(FEATURE_WIDTH)}), "
                              f"param={param!r} (paper|krause), activation={activation!r} ({list(ACTIVATIONS)}), "
-                             f"hidden={list(hidden)} (at least one layer)")
+                             f"hidden={list(hidden)} (positive layer widths; [] for a linear gate)")
         self.features, self.param, self.flush = tuple(features), param, flush
         self.lr, self.lamb, self.eps, self.clamp, self.lamb0 = lr, lamb, eps, clamp, lamb0
         self.rms_scale = rms_scale
@@ -83,7 +89,9 @@ class MetaLearner(nn.Module):
         self.act = ACTIVATIONS[activation]()
         self.out = nn.Linear(sizes[-1], 3)  # (o_f, o_i, o_z)
         self.embed = nn.Embedding(n_tensors, embed_dim) if embed_dim > 0 else None
-        self.embed_proj = nn.Linear(embed_dim, hidden[0], bias=False) if self.embed is not None else None
+        # the per-tensor bias enters the first linear map: layers[0], or `out` itself for a linear gate
+        first = self.layers[0] if len(self.layers) else self.out
+        self.embed_proj = nn.Linear(embed_dim, first.out_features, bias=False) if self.embed is not None else None
         with torch.no_grad():
             if param == "krause":  # exactly Krause's rule at init
                 self.out.weight.zero_()
@@ -93,8 +101,13 @@ class MetaLearner(nn.Module):
                 self.out.bias.copy_(torch.tensor([gate_bias, 0.0, -gate_bias]))
             if self.embed is not None:
                 self.embed.weight.normal_(0, 0.1)
+                if not len(self.layers):  # linear gate: the embedding adds to the output, which starts as set above
+                    self.embed_proj.weight.zero_()
         self._ctx: tuple[int, dict[str, Tensor]] | None = None
         self.last_gates: dict[str, Tensor] = {}
+        # Evaluation only (set by evaluate.py from eval.fused_gate, not a hyperparameter): `apply_` runs as one
+        # torch.compile'd pass over θ instead of eager chunks.
+        self.fused = False
 
     # -- constants per coordinate, computed once per DynamicWeights ---------------------------------
     def _context(self, dyn: Any) -> dict[str, Tensor]:
@@ -126,6 +139,11 @@ class MetaLearner(nn.Module):
     def features_of(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor,
                     ctx: dict[str, Tensor]) -> Tensor:
         """[..., n, k] per-coordinate inputs of n coordinates; `loss` is a scalar or [B] (one per stream)."""
+        return torch.stack(self.feature_columns(theta, grad, loss, theta0, ctx), dim=-1)
+
+    def feature_columns(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor,
+                        ctx: dict[str, Tensor]) -> list[Tensor]:
+        """The k feature columns, each [..., n]."""
         cols: list[Tensor] = []
         for f in self.features:
             if f == "theta":
@@ -138,10 +156,12 @@ class MetaLearner(nn.Module):
                 cols.append((loss.reshape(*loss.shape, *([1] * (theta.dim() - loss.dim()))) / 10.0).expand_as(theta))
             else:
                 cols.append(ctx[f].expand_as(theta))
-        return torch.stack(cols, dim=-1)
+        return cols
 
     def mlp(self, x: Tensor, bias1: Tensor) -> Tensor:
-        """[..., n, k] -> [..., n, 3], the first layer with bias `bias1` [H]."""
+        """[..., n, k] -> [..., n, 3], the first layer with bias `bias1` [H] (or [3]: a linear gate)."""
+        if not len(self.layers):
+            return F.linear(x, self.out.weight, bias1)
         h = self.act(F.linear(x, self.layers[0].weight, bias1))
         for layer in self.layers[1:]:
             h = self.act(layer(h))
@@ -151,6 +171,11 @@ class MetaLearner(nn.Module):
                bias1: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(f, i, z) of n coordinates (θ, ∇L, θ_0 and the ctx tensors all [..., n])."""
         o_f, o_i, o_z = self.mlp(self.features_of(theta, grad, loss, theta0, ctx), bias1).unbind(-1)
+        return self.to_gates(o_f, o_i, o_z, ctx)
+
+    def to_gates(self, o_f: Tensor, o_i: Tensor, o_z: Tensor,
+                 ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The network's outputs o [..., n] -> gates (f, i, z) under the parametrization `param`."""
         if self.param == "paper":
             f = torch.sigmoid(o_f)
             i = -self.lr * F.softplus(o_i) / math.log(2.0)
@@ -167,9 +192,10 @@ class MetaLearner(nn.Module):
 
     def _bias1(self) -> Tensor:
         """First-layer bias per dynamic tensor [n_tensors, H] (the tensor embedding enters here), or [H]."""
+        first = self.layers[0] if len(self.layers) else self.out
         if self.embed is None:
-            return self.layers[0].bias
-        return self.layers[0].bias + self.embed_proj(self.embed.weight)
+            return first.bias
+        return first.bias + self.embed_proj(self.embed.weight)
 
     def forward(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         ctx = self._context(dyn)
@@ -195,6 +221,8 @@ class MetaLearner(nn.Module):
         activations to memory and reads them back (for P = 10.9M and H = 16, > 1 GB per update); a
         chunk of 32k coordinates keeps them in cache, so the update costs the MLP's arithmetic only.
         """
+        if self.fused:
+            return self.fused_apply_(theta, grad, loss, dyn)
         ctx = self._context(dyn)
         bias = self._bias1()
         sums = theta.new_zeros(3, len(dyn.spec.sizes))
@@ -211,6 +239,91 @@ class MetaLearner(nn.Module):
                     sums[2, k] += z.sum()
                     new.addcmul_(z, th0)
                 th.copy_(new)
+        means = sums / torch.tensor(dyn.spec.sizes, dtype=sums.dtype, device=sums.device)
+        self.last_gates = {"f": means[0].mean(), "i": means[1].mean(), "z": means[2].mean()}
+        return means
+
+
+    # -- one fused pass over θ (evaluation): torch.compile of the update written coordinate-wise ----------
+    def mlp_pointwise(self, cols: list[Tensor], bias1: Tensor) -> list[Tensor]:
+        """The same network as `mlp`, one coordinate at a time: k columns [n] -> 3 outputs [n].
+
+        Every unit is a sum of scalar-times-column terms, so under torch.compile the whole network, the
+        gates and the update fuse into ONE loop over the coordinates with the H hidden units in registers:
+        no [n, k] feature or [n, H] activation tensor is ever written to memory. Eager, it is slow (H·k
+        separate ops): use it compiled only. `bias1` [H]: the first layer's bias for these coordinates.
+        """
+
+        def affine(w: Tensor, b: Tensor, xs: list[Tensor]) -> list[Tensor]:
+            out = []
+            for m in range(w.size(0)):
+                acc = b[m] + w[m, 0] * xs[0]
+                for j in range(1, len(xs)):
+                    acc = acc + w[m, j] * xs[j]
+                out.append(acc)
+            return out
+
+        if not len(self.layers):
+            return affine(self.out.weight, bias1, cols)
+        h = [self.act(v) for v in affine(self.layers[0].weight, bias1, cols)]
+        for layer in self.layers[1:]:
+            h = [self.act(v) for v in affine(layer.weight, layer.bias, h)]
+        return affine(self.out.weight, self.out.bias, h)
+
+    def _fused_update_(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
+                       bias1: Tensor) -> Tensor:
+        """θ ← f⊙θ + i⊙∇L + z⊙θ_0 in place over one tensor's coordinates [n]; returns the gate sums [3]."""
+        o_f, o_i, o_z = self.mlp_pointwise(self.feature_columns(theta, grad, loss, theta0, ctx), bias1)
+        f, i, z = self.to_gates(o_f, o_i, o_z, ctx)
+        new = f * theta + i * grad
+        if z is not None:
+            new = new + z * theta0
+        theta.copy_(new)
+        return torch.stack([f.sum(), i.sum(), z.sum() if z is not None else f.new_zeros(())])
+
+    def _fused_new(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
+                   bias1: Tensor) -> Tensor:
+        """θ_t of one tensor's coordinates [n], differentiable (the compiled training update), and the gate
+        sums [3] (for logging)."""
+        o_f, o_i, o_z = self.mlp_pointwise(self.feature_columns(theta, grad, loss, theta0, ctx), bias1)
+        f, i, z = self.to_gates(o_f, o_i, o_z, ctx)
+        new = f * theta + i * grad
+        new = new if z is None else new + z * theta0
+        return new, torch.stack([f.sum(), i.sum(), z.sum() if z is not None else f.new_zeros(())]).detach()
+
+    def fused_update(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any) -> Tensor:
+        """θ_t = f⊙θ + i⊙∇L + z⊙θ_0 over the flat [P], differentiable, compiled tensor by tensor (meta-training
+        with gate.fused / eval.fused_gate): inductor fuses the forward into one loop and writes a backward that
+        recomputes the pointwise network instead of storing [P, H] activations."""
+        ctx = self._context(dyn)
+        bias = self._bias1()
+        if getattr(self, "_compiled_new", None) is None:
+            self._compiled_new = torch.compile(self._fused_new, dynamic=True, fullgraph=True)
+        loss = loss.reshape(()).to(theta.dtype)
+        parts = [self._compiled_new(theta[s : s + n], grad[s : s + n], loss, dyn.theta0[s : s + n],
+                                    {key: v[s : s + n] for key, v in ctx.items()},
+                                    bias if self.embed is None else bias[k])
+                 for k, (s, n) in enumerate(_offsets(dyn.spec.sizes))]
+        sums = torch.stack([p[1] for p in parts]).sum(0) / dyn.spec.numel
+        self.last_gates = {"f": sums[0], "i": sums[1], "z": sums[2]}
+        return torch.cat([p[0] for p in parts])
+
+    @torch.no_grad()
+    def fused_apply_(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any) -> Tensor:
+        """`apply_` as one compiled pass per dynamic tensor (θ [P]); the same numbers to float rounding.
+
+        Compiled once with a symbolic length (dynamic=True), so every tensor of every model reuses it; the
+        first call compiles (seconds to tens of seconds on a CPU).
+        """
+        ctx = self._context(dyn)
+        bias = self._bias1()
+        if getattr(self, "_compiled", None) is None:
+            self._compiled = torch.compile(self._fused_update_, dynamic=True, fullgraph=True)
+        loss = loss.reshape(()).to(theta.dtype)
+        sums = torch.stack([
+            self._compiled(theta[s : s + n], grad[s : s + n], loss, dyn.theta0[s : s + n],
+                           {key: v[s : s + n] for key, v in ctx.items()}, bias if self.embed is None else bias[k])
+            for k, (s, n) in enumerate(_offsets(dyn.spec.sizes))], dim=1)
         means = sums / torch.tensor(dyn.spec.sizes, dtype=sums.dtype, device=sums.device)
         self.last_gates = {"f": means[0].mean(), "i": means[1].mean(), "z": means[2].mean()}
         return means

@@ -428,6 +428,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         provenance={"lm_sha256": lm_sha, "fisher_sha256": file_sha256(out / "fisher.pt") if art else None,
                     "data_source": corpus.source, "vocab_hash": corpus.vocab_hash,
                     "dynamic": OmegaConf.to_container(m.dynamic, resolve=True)})
+    # The compiled update (MetaLearner.fused_update / fused_apply_): in training and in validation
+    module.meta.fused = bool(m.get("fused_gate", False))
     t0 = time.time()
     base = baselines(lm, dyn, val, cfg, tuned)
     init = module.adaptive_loss()
