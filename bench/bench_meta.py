@@ -1,4 +1,5 @@
-"""Meta-training throughput and peak memory: `python bench/bench_meta.py [--unrolls 10 20 40 80] [--steps 1]`.
+"""Meta-training throughput and peak memory: `python bench/bench_meta.py [--unrolls 10 20 40 80] [--steps 1]
+[--hidden 0] [--fused]`.
 
 model=small (2×512 LSTM, 256-wide tied softmax) at the WikiText-2 vocabulary (33,278 words), random
 init and random tokens (speed and memory do not depend on the values), every parameter dynamic
@@ -24,7 +25,8 @@ from omegaconf import OmegaConf
 from dynlm_pl.dynamic import DynamicWeights
 from dynlm_pl.models.awd_lstm import AWDLSTM
 from dynlm_pl.systems.meta import MetaTrainModule
-unroll, ck, steps, threads, cap = int(sys.argv[1]), sys.argv[2] == "1", *map(int, sys.argv[3:6])
+unroll, ck, steps, threads, cap, hidden = int(sys.argv[1]), sys.argv[2] == "1", *map(int, sys.argv[3:7])
+fused = sys.argv[7] == "1"
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 torch.set_num_threads(threads)
 torch.manual_seed(0)
@@ -33,8 +35,13 @@ kw = {k: v for k, v in OmegaConf.to_container(mcfg).items() if not k.startswith(
 model = AWDLSTM(33278, **kw).eval().requires_grad_(False)
 gate = OmegaConf.to_container(OmegaConf.load("conf/gate/paper.yaml"))
 gate["features"] = [f for f in gate["features"] if f not in ("fisher", "rms")]
+gate["hidden"] = [hidden] if hidden else []
 dyn = DynamicWeights.build(model)
 m = MetaTrainModule(model, dyn, gate, segment=5, unroll=unroll, checkpointing=ck)
+m.meta.fused = fused
+if fused:  # compile outside the timed region (one short unroll)
+    loss = m.unroll(torch.randint(0, 33278, (1, 2 * 5 + 1)), 0, *m.initial_state(1))[0]
+    loss.backward()
 opt = torch.optim.Adam(m.meta.parameters(), lr=1e-3)
 theta, hidden = m.initial_state(1)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -63,6 +70,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1, help="meta-steps timed per configuration")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mem-cap-gb", type=float, default=12.0, help="address-space cap per run")
+    ap.add_argument("--hidden", type=int, default=16, help="gate hidden width (0: linear)")
+    ap.add_argument("--fused", action="store_true", help="meta.fused_gate: the compiled update")
     args = ap.parse_args()
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -75,7 +84,8 @@ def main() -> None:
                 continue
             t = time.time()
             out = subprocess.run([sys.executable, "-c", CHILD, str(unroll), "1" if ck else "0", str(args.steps),
-                                  str(args.threads), str(int(args.mem_cap_gb * 2**30))],
+                                  str(args.threads), str(int(args.mem_cap_gb * 2**30)), str(args.hidden),
+                                  "1" if args.fused else "0"],
                                  capture_output=True, text=True, cwd=repo, env=env)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
             r = json.loads(lines[-1]) if lines else {"status": f"crashed (rc {out.returncode})"}
@@ -85,7 +95,8 @@ def main() -> None:
             print(f"# unroll {unroll} checkpointing {ck}: {r} ({time.time() - t:.0f}s wall)", file=sys.stderr,
                   flush=True)
     coords = next((r["coords"] for _, _, r in rows if "coords" in r), 0)
-    print(f"\nmeta-training, model=small, V=33,278, {coords:,} dynamic coordinates, gate=paper (MLP 16), "
+    print(f"\nmeta-training, model=small, V=33,278, {coords:,} dynamic coordinates, gate=paper "
+          f"({f'MLP {args.hidden}' if args.hidden else 'linear'}{', fused' if args.fused else ''}), "
           f"first order, segment 5, batch 1, {args.steps} meta-step(s) per row, {args.threads} threads, "
           f"address-space cap {args.mem_cap_gb:g} GB\n")
     print("| unroll | checkpointing | status | tokens/s | s / meta-step | peak RSS (MB) | above set-up (MB) |")

@@ -431,7 +431,9 @@ def _markdown(results: dict[str, Any]) -> str:
             hp = ", ".join(f"{k}={v:g}" for k, v in r["hparams"].items())
             rows.append({"method": m, "ppl": r["ppl"], "vs static": gain, "tokens/s": f"{r['tokens_per_s']:,.0f}",
                          "seconds": r["seconds"], "hyperparameters": hp})
-        out.append(f"**{split}** (segment {results['protocol']['segment']}, one stream)\n\n"
+        pr = results["protocol"]
+        streams = "one stream" if pr["streams"] == 1 else f"{pr['streams']} streams, θ {pr['theta']}"
+        out.append(f"**{split}** (segment {pr['segment']}, {streams})\n\n"
                    + report.markdown_table(rows, ["method", "ppl", "vs static", "tokens/s", "seconds",
                                                   "hyperparameters"]))
     return "\n\n".join(out)

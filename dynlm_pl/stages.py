@@ -26,7 +26,7 @@ PIPELINE = ["lm", "fisher", "meta", "evaluate"]
 # Settings that must be positive integers, checked before any stage runs: `stage=all unroll=0` should fail in a
 # second, not after pretraining and the Fisher pass.
 POSITIVE_INTS = ("unroll", "meta.segment", "meta.streams", "meta.steps", "meta.val_every", "eval.segment",
-                 "data.bptt", "data.batch_size", "data.eval_batch_size", "data.test_batch_size")
+                 "eval.streams", "data.bptt", "data.batch_size", "data.eval_batch_size", "data.test_batch_size")
 # Checkpoint intervals: 0 or more steps.
 NON_NEGATIVE_INTS = ("lm.trainer.ckpt_every_n_steps", "meta.trainer.ckpt_every_n_steps")
 

@@ -189,3 +189,27 @@ def test_pattern_search_leaves_the_grid_for_a_better_point() -> None:
     best = evaluation.pattern_search({"lr": 0.01}, loss_of, ["lr"], step=3.0, rounds=3)
     assert abs(math.log(best["lr"] / 0.05)) <= math.log(3.0) / 8 + 1e-9
     assert evaluation.pattern_search({"lr": 0.0}, loss_of, ["lr"], 3.0, 2) == {"lr": 0.0}  # zero stays zero
+
+
+def test_eval_streams_reads_every_target_once_with_a_theta_per_stream(evaluated: tuple[DictConfig, dict, Path],
+                                                                      tmp_path: Path) -> None:
+    """eval.streams=3: the split as 3 contiguous rows, each with its own θ; the static LM reads the same rows."""
+    import shutil
+
+    from tests.conftest import compose_config
+
+    _, res1, out = evaluated
+    cfg = compose_config([*OVERRIDES, "eval.streams=3", "eval.splits=[test]"], tmp_path)
+    run = Path(cfg.paths.run_dir)
+    run.mkdir(parents=True)
+    for f in ("lm.ckpt", "fisher.pt", "tuned.json"):
+        shutil.copy(out / f, run / f)
+    res = evaluation.run(cfg)
+    assert res["protocol"]["streams"] == 3 and res["protocol"]["theta"] == "per stream"
+    n = res1["splits"]["test"]["static"]["tokens"]  # N − 1 targets in one stream
+    test = res["splits"]["test"]
+    assert {m: r["tokens"] for m, r in test.items()} == {m: 3 * (n // 3) for m in test}
+    assert np.load(run / "losses-test.npz")["sgd"].size == 3 * (n // 3)
+    for m in ("sgd", "rms"):  # adaptation still pays with three independent θ (each reads a third of the text)
+        assert test[m]["ppl"] < test["static"]["ppl"]
+    assert "3 streams, θ per stream" in (run / "results.md").read_text()

@@ -403,14 +403,15 @@ def test_zero_unroll_cli(trained: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("key", "value"), [("unroll", -2), ("meta.segment", 0), ("meta.segment", -5),
-                                            ("eval.segment", 0), ("data.bptt", 0), ("data.bptt", -3),
+                                            ("eval.segment", 0), ("eval.streams", 0), ("data.bptt", 0),
+                                            ("data.bptt", -3),
                                             ("data.batch_size", 0), ("data.batch_size", -1)])
 def test_non_positive_sizes(key: str, value: int, trained: Path, tmp_path: Path,
                             capsys: pytest.CaptureFixture) -> None:
     run = copy_run(trained, tmp_path)
     before = snapshot(run)
     cfg = cfg_for(tmp_path, "stage=meta", f"{key}={value}")
-    if key == "eval.segment":  # evaluate.py's own entry point
+    if key.startswith("eval."):  # evaluate.py's own entry point
         msg = guarded_error(lambda: evaluation.run(check_config(cfg)), capsys)
     else:
         msg = guarded_error(lambda: run_stages(cfg), capsys)

@@ -270,17 +270,6 @@ class MetaLearner(nn.Module):
             h = [self.act(v) for v in affine(layer.weight, layer.bias, h)]
         return affine(self.out.weight, self.out.bias, h)
 
-    def _fused_update_(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
-                       bias1: Tensor) -> Tensor:
-        """θ ← f⊙θ + i⊙∇L + z⊙θ_0 in place over one tensor's coordinates [n]; returns the gate sums [3]."""
-        o_f, o_i, o_z = self.mlp_pointwise(self.feature_columns(theta, grad, loss, theta0, ctx), bias1)
-        f, i, z = self.to_gates(o_f, o_i, o_z, ctx)
-        new = f * theta + i * grad
-        if z is not None:
-            new = new + z * theta0
-        theta.copy_(new)
-        return torch.stack([f.sum(), i.sum(), z.sum() if z is not None else f.new_zeros(())])
-
     def _fused_new(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
                    bias1: Tensor) -> Tensor:
         """θ_t of one tensor's coordinates [n], differentiable (the compiled training update), and the gate
@@ -298,7 +287,7 @@ class MetaLearner(nn.Module):
         ctx = self._context(dyn)
         bias = self._bias1()
         if getattr(self, "_compiled_new", None) is None:
-            self._compiled_new = torch.compile(self._fused_new, dynamic=True, fullgraph=True)
+            self._compiled_new = _compile(self._fused_new)
         loss = loss.reshape(()).to(theta.dtype)
         parts = [self._compiled_new(theta[s : s + n], grad[s : s + n], loss, dyn.theta0[s : s + n],
                                     {key: v[s : s + n] for key, v in ctx.items()},
@@ -307,6 +296,13 @@ class MetaLearner(nn.Module):
         sums = torch.stack([p[1] for p in parts]).sum(0) / dyn.spec.numel
         self.last_gates = {"f": sums[0], "i": sums[1], "z": sums[2]}
         return torch.cat([p[0] for p in parts])
+
+    def _fused_update_(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
+                       bias1: Tensor) -> Tensor:
+        """`_fused_new` written into θ [n] in place (evaluation); returns the gate sums [3]."""
+        new, sums = self._fused_new(theta, grad, loss, theta0, ctx, bias1)
+        theta.copy_(new)
+        return sums
 
     @torch.no_grad()
     def fused_apply_(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any) -> Tensor:
@@ -318,7 +314,7 @@ class MetaLearner(nn.Module):
         ctx = self._context(dyn)
         bias = self._bias1()
         if getattr(self, "_compiled", None) is None:
-            self._compiled = torch.compile(self._fused_update_, dynamic=True, fullgraph=True)
+            self._compiled = _compile(self._fused_update_)
         loss = loss.reshape(()).to(theta.dtype)
         sums = torch.stack([
             self._compiled(theta[s : s + n], grad[s : s + n], loss, dyn.theta0[s : s + n],
@@ -327,6 +323,16 @@ class MetaLearner(nn.Module):
         means = sums / torch.tensor(dyn.spec.sizes, dtype=sums.dtype, device=sums.device)
         self.last_gates = {"f": means[0].mean(), "i": means[1].mean(), "z": means[2].mean()}
         return means
+
+
+def _compile(fn: Any) -> Any:
+    """torch.compile with a symbolic length. Each MetaLearner instance compiles its own graph (its features and
+    layers are baked in), so a process holding many (tests, sweeps, benches) needs more than dynamo's default 8
+    graphs per function; past the limit dynamo falls back to eager (same numbers, slower) instead of failing."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=True)
 
 
 def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
