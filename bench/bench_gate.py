@@ -33,11 +33,20 @@ def best_of(fn, repeat: int) -> float:
     return min(times)
 
 
+def _fwd_bwd(rule: GateRule, theta: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor) -> None:
+    """θ_t from a θ that needs grad, and its backward (what one checkpointed inner step recomputes)."""
+    with torch.enable_grad():
+        th = theta.detach().requires_grad_(True)
+        rule.update(th, grad, loss).sum().backward()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, nargs="+", default=[0, 8, 16], help="0: a linear gate")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--params", nargs="+", default=["paper", "krause"])
+    ap.add_argument("--out", default="bench_gate.md", help="file name under bench/results/")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -50,7 +59,7 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         sgd = best_of(lambda: theta.clone().add_(grad, alpha=-1e-3), a.repeat)
-        for param in ("paper", "krause"):
+        for param in a.params:
             for h in a.hidden:
                 meta = MetaLearner(len(dyn.spec.names), hidden=[h] if h else [], features=FEATURES, param=param,
                                    embed_dim=4)
@@ -60,17 +69,25 @@ def main() -> None:
                 chunked = best_of(lambda meta=meta, th=th: meta.apply_(th, grad, loss, dyn), a.repeat)
                 meta.fused = True  # eval.fused_gate: one torch.compile'd pass per tensor (best_of warms it up)
                 fused = best_of(lambda meta=meta, th=th: meta.apply_(th, grad, loss, dyn), a.repeat)
-                rows.append((param, h, full, chunked, fused))
-                print(param, h, f"whole {full:.3f}s chunked {chunked:.3f}s fused {fused:.3f}s", flush=True)
+                # meta-training: the differentiable update, forward + backward into φ and θ (meta.fused_gate)
+                train = []
+                for f in (False, True):
+                    meta.fused = f
+                    train.append(best_of(lambda rule=rule: _fwd_bwd(rule, theta, grad, loss), a.repeat))
+                rows.append((param, h, full, chunked, fused, *train))
+                print(param, h, f"whole {full:.3f}s chunked {chunked:.3f}s fused {fused:.3f}s train {train}",
+                      flush=True)
     lines = [f"`python bench/bench_gate.py --threads {a.threads}`: one update of all {dyn.spec.numel:,} coordinates "
              f"of model=small (features {', '.join(FEATURES)}, tensor embedding 4), best of {a.repeat}; plain SGD "
              f"step (θ − η∇L, a copy) {1000 * sgd:.0f} ms.", "",
              "| gate | hidden | whole vector (GateRule.update) | chunked in place (apply_) | fused, compiled "
-             "(eval.fused_gate) | fused vs SGD step |", "|---|---|---|---|---|---|"]
-    for param, h, full, chunked, fused in rows:
+             "(eval.fused_gate) | fused vs SGD step | training fwd+bwd, eager | training fwd+bwd, fused "
+             "(meta.fused_gate) |", "|---|---|---|---|---|---|---|---|"]
+    for param, h, full, chunked, fused, t_eager, t_fused in rows:
         lines.append(f"| {param} | {h or 'linear'} | {1000 * full:.0f} ms | {1000 * chunked:.0f} ms | "
-                     f"{1000 * fused:.0f} ms | {fused / sgd:.1f}x |")
-    out = Path(__file__).resolve().parent / "results" / "bench_gate.md"
+                     f"{1000 * fused:.0f} ms | {fused / sgd:.1f}x | {1000 * t_eager:.0f} ms | "
+                     f"{1000 * t_fused:.0f} ms |")
+    out = Path(__file__).resolve().parent / "results" / a.out
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
