@@ -89,9 +89,8 @@ class MetaLearner(nn.Module):
         self.act = ACTIVATIONS[activation]()
         self.out = nn.Linear(sizes[-1], 3)  # (o_f, o_i, o_z)
         self.embed = nn.Embedding(n_tensors, embed_dim) if embed_dim > 0 else None
-        # the per-tensor bias enters the first linear map: layers[0], or `out` itself for a linear gate
-        first = self.layers[0] if len(self.layers) else self.out
-        self.embed_proj = nn.Linear(embed_dim, first.out_features, bias=False) if self.embed is not None else None
+        # the per-tensor bias enters the first linear map (`first`)
+        self.embed_proj = nn.Linear(embed_dim, self.first.out_features, bias=False) if self.embed is not None else None
         with torch.no_grad():
             if param == "krause":  # exactly Krause's rule at init
                 self.out.weight.zero_()
@@ -105,9 +104,14 @@ class MetaLearner(nn.Module):
                     self.embed_proj.weight.zero_()
         self._ctx: tuple[int, dict[str, Tensor]] | None = None
         self.last_gates: dict[str, Tensor] = {}
-        # Evaluation only (set by evaluate.py from eval.fused_gate, not a hyperparameter): `apply_` runs as one
-        # torch.compile'd pass over θ instead of eager chunks.
+        # Not a hyperparameter (set from eval.fused_gate / meta.fused_gate): `apply_` and GateRule.update run as
+        # torch.compile'd passes over θ instead of eager chunks / whole-vector ops.
         self.fused = False
+
+    @property
+    def first(self) -> nn.Linear:
+        """The first linear map: layers[0], or `out` itself for a linear gate (hidden=[])."""
+        return self.layers[0] if len(self.layers) else self.out
 
     # -- constants per coordinate, computed once per DynamicWeights ---------------------------------
     def _context(self, dyn: Any) -> dict[str, Tensor]:
@@ -192,10 +196,9 @@ class MetaLearner(nn.Module):
 
     def _bias1(self) -> Tensor:
         """First-layer bias per dynamic tensor [n_tensors, H] (the tensor embedding enters here), or [H]."""
-        first = self.layers[0] if len(self.layers) else self.out
         if self.embed is None:
-            return first.bias
-        return first.bias + self.embed_proj(self.embed.weight)
+            return self.first.bias
+        return self.first.bias + self.embed_proj(self.embed.weight)
 
     def forward(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         ctx = self._context(dyn)
@@ -244,7 +247,7 @@ class MetaLearner(nn.Module):
         return means
 
 
-    # -- one fused pass over θ (evaluation): torch.compile of the update written coordinate-wise ----------
+    # -- one fused pass over θ (evaluation and training): torch.compile of the update, coordinate-wise ---
     def mlp_pointwise(self, cols: list[Tensor], bias1: Tensor) -> list[Tensor]:
         """The same network as `mlp`, one coordinate at a time: k columns [n] -> 3 outputs [n].
 
