@@ -2,11 +2,13 @@
 
     python train.py experiment=smoke stage=all          # makes runs/smoke/{lm.ckpt,fisher.pt,meta.ckpt}
     python bench/long_run.py --run runs/smoke --updates 10000
+    python bench/long_run.py --run runs/cpu --experiment cpu --split test --segment 20 --rules meta --fused
 
-Reads the synthetic corpus of that run (all three splits, repeated until the stream is long enough),
-adapts with the run's meta.ckpt (and the tuned rms rule from tuned.json, for comparison) under
-Krause's protocol, and records ‖θ_t − θ_0‖ after every update. Writes bench/results/long_run.md and
-bench/results/long_run.png. Fails (exit 1) if any loss or weight becomes inf/NaN. Not a test.
+Without --split: the run's corpus (all three splits, repeated until the stream is long enough); with it: that
+split whole, once. Adapts with the run's meta.ckpt (and the tuned rms rule from tuned.json, for comparison)
+under Krause's protocol with the experiment's eval.max_drift trust region (--max-drift to change it, 0: off),
+and records ‖θ_t − θ_0‖ after every update. Writes bench/results/long_run_<run>[_<split>].{md,png}. Fails
+(exit 1) if any loss or weight becomes inf/NaN. Not a test.
 """
 
 from __future__ import annotations
@@ -40,21 +42,31 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=10_000)
     ap.add_argument("--segment", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--split", choices=["train", "valid", "test"], help="read this split once, whole")
+    ap.add_argument("--rules", nargs="+", default=["meta", "rms"], choices=["meta", "rms"])
+    ap.add_argument("--max-drift", type=float, help="radius / ‖θ_0‖ (default: the experiment's eval.max_drift)")
+    ap.add_argument("--fused", action="store_true", help="the meta-learner as one compiled pass (eval.fused_gate)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=[f"experiment={a.experiment}"])
+    max_drift = cfg.eval.get("max_drift") if a.max_drift is None else (a.max_drift or None)
     corpus = make_datamodule(cfg).load()
-    text = torch.cat([corpus.splits[s] for s in ("train", "valid", "test")])
-    need = a.updates * a.segment + 1
-    stream = text.repeat(math.ceil(need / text.numel()))[:need]
+    if a.split:
+        stream = corpus.splits[a.split]
+        a.updates = math.ceil((stream.numel() - 1) / a.segment)
+    else:
+        text = torch.cat([corpus.splits[s] for s in ("train", "valid", "test")])
+        need = a.updates * a.segment + 1
+        stream = text.repeat(math.ceil(need / text.numel()))[:need]
     lm, _ = load_lm(a.run / "lm.ckpt")
     lm_sha = file_sha256(a.run / "lm.ckpt")
     art = _load_fisher(a.run, lm_sha)
     meta_rule, meta_dyn = _meta_rule(a.run / "meta.ckpt", lm, lm_sha, art)
-    rules = {"meta": (meta_rule, meta_dyn)}
+    meta_rule.gates.fused = a.fused
+    rules = {"meta": (meta_rule, meta_dyn)} if "meta" in a.rules else {}
     tuned = a.run / "tuned.json"
-    if tuned.is_file() and art is not None:
+    if "rms" in a.rules and tuned.is_file() and art is not None:
         h = json.loads(tuned.read_text())["best"]["rms"]["hparams"]
         dyn = DynamicWeights.build(lm, fisher_art=art)
         rules["rms"] = (RMSRule(dyn, h["lr"], h["lamb"], h["eps"]), dyn)
@@ -62,7 +74,7 @@ def main() -> None:
     for name, (rule, dyn) in rules.items():
         drift: list[float] = []
         t0 = time.time()
-        losses = adaptive_eval(lm, stream, rule, a.segment, dyn, progress=True,
+        losses = adaptive_eval(lm, stream, rule, a.segment, dyn, progress=True, max_drift=max_drift,
                                on_segment=lambda _s, th, d=dyn, out=drift: out.append(float(torch.dist(th, d.theta0))))
         sec = time.time() - t0
         losses = losses.view(-1)
@@ -77,18 +89,24 @@ def main() -> None:
         ax.plot(d, label=name, lw=0.8)
     ax.set_xlabel("update")
     ax.set_ylabel("‖θ_t − θ_0‖")
-    ax.set_title(f"{a.run.name}: one stream, {a.updates:,} updates of {a.segment} tokens, no reset")
+    if max_drift:
+        ax.axhline(max_drift * float(meta_dyn.theta0.norm()), color="k", ls=":", lw=0.8, label="max_drift·‖θ_0‖")
+    what = f"the {a.split} split" if a.split else "one stream"
+    ax.set_title(f"{a.run.name}: {what}, {a.updates:,} updates of {a.segment} tokens, no reset")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "long_run.png", dpi=120)
-    lines = [f"`python bench/long_run.py --run {a.run} --updates {a.updates}` (segment {a.segment}, "
-             f"{a.threads} thread(s); the corpus' three splits repeated: the stream re-reads the same text)", "",
+    stem = f"long_run_{a.run.name}" + (f"_{a.split}" if a.split else "")
+    fig.savefig(out / f"{stem}.png", dpi=120)
+    lines = [f"`python {' '.join(sys.argv)}` (segment {a.segment}, {a.threads} thread(s), max_drift {max_drift}, "
+             f"‖θ_0‖ {float(meta_dyn.theta0.norm()):.1f}; "
+             + (f"the {a.split} split of {a.experiment}, once" if a.split else
+                "the corpus' three splits repeated: the stream re-reads the same text") + ")", "",
              "| rule | updates | tokens | all finite | max ‖θ−θ0‖ | final ‖θ−θ0‖ | ppl per tenth of the stream | s |",
              "|---|---|---|---|---|---|---|---|"]
     for name, n, tok, fin, dmax, dend, blocks, sec in rows:
         lines.append(f"| {name} | {n:,} | {tok:,} | {fin} | {dmax:.3f} | {dend:.3f} | "
                      f"{' '.join(f'{b:.1f}' for b in blocks)} | {sec:.0f} |")
-    (out / "long_run.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if not all(r[3] for r in rows):
         sys.exit(1)

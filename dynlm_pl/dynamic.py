@@ -318,7 +318,8 @@ def stream_rows(tokens: Tensor, n_streams: int) -> Tensor:
 
 def adaptive_eval(model: AWDLSTM, tokens: Tensor, rule: Rule, segment: int = 5, dyn: DynamicWeights | None = None,
                   batch_size: int = 1, reset_at: Sequence[int] = (), progress: bool = False,
-                  on_segment: Callable[[int, Tensor], None] | None = None, shared: bool = False) -> Tensor:
+                  on_segment: Callable[[int, Tensor], None] | None = None, shared: bool = False,
+                  max_drift: float | None = None) -> Tensor:
     """Dynamic evaluation: per-token losses [B, n] of the targets 1..B·n in stream order (`stream_rows`).
 
     Score each segment with θ_{t-1} first, then update; hidden state carried across segments. B = 1 is
@@ -326,7 +327,9 @@ def adaptive_eval(model: AWDLSTM, tokens: Tensor, rule: Rule, segment: int = 5, 
     θ [B, P] (the same numbers as B separate batch-1 runs; needs `kernel=manual`), or with `shared=True` one
     θ [P] for all of them, updated with the gradient of the streams' summed mean losses (the paper's batch
     mode). `reset_at`: token offsets (e.g. article starts, B=1) where θ goes back to θ_0 before the segment
-    containing them.
+    containing them. `max_drift`: after each update, θ_t − θ_0 is scaled back onto the ball of radius
+    max_drift·‖θ_0‖ when it leaves it (per stream) -- a trust region that keeps a rule without decay (λ = 0,
+    FLUSH ≈ 0) bounded over streams far longer than its tuning slice; None: unbounded.
     """
     dyn = dyn or DynamicWeights.build(model)
     was_training = model.training
@@ -341,6 +344,7 @@ def adaptive_eval(model: AWDLSTM, tokens: Tensor, rule: Rule, segment: int = 5, 
     out = torch.empty(batch_size, n - 1, device=dev, dtype=torch.promote_types(dyn.theta0.dtype, torch.float32))
     resets = sorted(set(reset_at))
     r = 0
+    radius = None if max_drift is None else float(max_drift) * float(dyn.theta0.norm())
     for start, t in tqdm(segments(n, segment), disable=not progress, desc="adaptive", leave=False):
         while r < len(resets) and resets[r] < start + t:  # an article starts in this segment
             if resets[r] > 0:
@@ -356,6 +360,11 @@ def adaptive_eval(model: AWDLSTM, tokens: Tensor, rule: Rule, segment: int = 5, 
         with torch.no_grad():
             out[:, start : start + t] = losses.detach()
             rule.update_(theta, grad, per_stream.detach() if own else per_stream.detach().mean())
+            if radius is not None:
+                dev_ = theta - dyn.theta0  # [B, P] or [P]
+                norm = dev_.norm(dim=-1, keepdim=True)
+                if bool((norm > radius).any()):
+                    theta.copy_(dyn.theta0 + dev_ * (radius / norm).clamp(max=1.0))
         if on_segment is not None:
             on_segment(start, theta)
     model.train(was_training)

@@ -131,7 +131,7 @@ def _meta_rule(path: Path, lm: AWDLSTM, lm_sha: str, art: Any | None) -> tuple[R
 
 
 def tune(lm: AWDLSTM, tokens: Tensor, dyn: DynamicWeights, segment: int, grid: DictConfig,
-         methods: list[str]) -> dict[str, dict[str, Any]]:
+         methods: list[str], max_drift: float | None = None) -> dict[str, dict[str, Any]]:
     """Grid search of `sgd` lr and `rms` (lr, λ) on `tokens` (a validation slice), then a pattern search
     around the grid's best (`grid.refine` rounds): lowest loss wins.
 
@@ -153,7 +153,7 @@ def tune(lm: AWDLSTM, tokens: Tensor, dyn: DynamicWeights, segment: int, grid: D
                 if all(math.isclose(t[k], v, rel_tol=1e-9) for k, v in hp.items()):
                     return t["loss"]
             rule = SGDRule(hp["lr"]) if method == "sgd" else RMSRule(dyn, hp["lr"], hp["lamb"], hp["eps"])
-            loss = float(adaptive_eval(lm, tokens, rule, segment, dyn).mean())
+            loss = float(adaptive_eval(lm, tokens, rule, segment, dyn, max_drift=max_drift).mean())
             trials.append({**hp, "loss": loss if math.isfinite(loss) else math.inf})
             return trials[-1]["loss"]
 
@@ -196,8 +196,9 @@ def tuned_baselines(cfg: DictConfig, out: Path, lm: AWDLSTM, valid: Tensor, dyn:
                     methods: list[str]) -> dict[str, dict[str, Any]]:
     """tuned.json for this LM, segment and grid if it exists, else tune now and store it."""
     t = cfg.eval.tune
+    max_drift = cfg.eval.get("max_drift")
     key = {"lm_sha256": lm_sha, "segment": int(cfg.eval.segment), "tokens": int(t.tokens),
-           "grid": OmegaConf.to_container(t, resolve=True)}
+           "grid": OmegaConf.to_container(t, resolve=True), "max_drift": max_drift}
     path = out / "tuned.json"
     if path.is_file():
         try:
@@ -207,7 +208,7 @@ def tuned_baselines(cfg: DictConfig, out: Path, lm: AWDLSTM, valid: Tensor, dyn:
                 return stored["best"]
         except (json.JSONDecodeError, KeyError):
             pass  # unreadable: tune again and replace it
-    best = tune(lm, valid[: int(t.tokens)], dyn, int(cfg.eval.segment), t, methods)
+    best = tune(lm, valid[: int(t.tokens)], dyn, int(cfg.eval.segment), t, methods, max_drift)
     atomic_write_text(path, json.dumps({"key": key, "best": best}, indent=2))
     return best
 
@@ -304,7 +305,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "protocol": {"streams": n_streams, "theta": "shared" if shared and n_streams > 1 else "per stream",
                      "segment": segment, "order": "score then update", "max_tokens": limit,
-                     "ppl": "exp(total loss / tokens scored)", "static_window": int(cfg.data.bptt)},
+                     "ppl": "exp(total loss / tokens scored)", "static_window": int(cfg.data.bptt),
+                     "max_drift": e.get("max_drift")},
         "checkpoints": hashes, "data": {"source": corpus.source, "vocab": corpus.vocab_hash},
         "skipped": notes, "splits": {}}
     plots = out / "plots"
@@ -330,7 +332,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 d0 = dyns[m].theta0
                 # ‖θ_t − θ_0‖ (the largest over streams when each keeps its own θ)
                 lt = adaptive_eval(lm, tokens, rule, segment, dyns[m], batch_size=n_streams, shared=shared,
-                                   progress=True, on_segment=lambda _s, th, d0=d0, drift=drift: drift.append(
+                                   max_drift=e.get("max_drift"), progress=True,
+                                   on_segment=lambda _s, th, d0=d0, drift=drift: drift.append(
                                        float((th.detach() - d0).norm(dim=-1).max()))).view(-1)
                 if m == "meta" and isinstance(rule, RecordingGateRule) and rule.history:
                     gates = torch.stack(rule.history)  # [n_segments, 3, n_tensors]

@@ -1,4 +1,5 @@
-"""Running stages by name, each timed: `stage=all` is lm -> fisher -> meta -> evaluate."""
+"""Running stages by name, each timed: `stage=all` runs the stages listed in `pipeline` (lm -> fisher -> meta ->
+evaluate by default; `meta_noflush` is the meta stage with gate.flush=false, the two-level ablation)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ STAGES = {
     "meta": "dynlm_pl.systems.meta",
     "evaluate": "dynlm_pl.evaluation",
 }
-PIPELINE = ["lm", "fisher", "meta", "evaluate"]
+PIPELINE = ["lm", "fisher", "meta", "evaluate"]  # `pipeline` when a config has none
+VARIANTS = {"meta_noflush": ("meta", {"gate.flush": False})}  # a stage run with these settings changed
 # Settings that must be positive integers, checked before any stage runs: `stage=all unroll=0` should fail in a
 # second, not after pretraining and the Fisher pass.
 POSITIVE_INTS = ("unroll", "meta.segment", "meta.streams", "meta.steps", "meta.val_every", "eval.segment",
@@ -39,23 +41,37 @@ def check_config(cfg: DictConfig) -> DictConfig:
             if v is None and low == 0:
                 continue  # optional
             require(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{key} must be {what}, got {v!r}")
+    v = OmegaConf.select(cfg, "eval.max_drift", default=None)
+    require(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+            f"eval.max_drift must be a positive number or null (no bound), got {v!r}")
     return cfg
 
 
 def stage_fn(name: str) -> Callable[[DictConfig], dict[str, Any]]:
-    require(name in STAGES, f"unknown stage {name!r}; use one of {', '.join(STAGES)} or all")
-    return importlib.import_module(STAGES[name]).run
+    base = VARIANTS.get(name, (name, {}))[0]
+    require(base in STAGES, f"unknown stage {name!r}; use one of {', '.join([*STAGES, *VARIANTS])} or all")
+    return importlib.import_module(STAGES[base]).run
+
+
+def stage_config(cfg: DictConfig, name: str) -> DictConfig:
+    """cfg for one stage: a variant's settings applied to a copy."""
+    if name not in VARIANTS:
+        return cfg
+    c = cfg.copy()
+    for key, value in VARIANTS[name][1].items():
+        OmegaConf.update(c, key, value, merge=False)
+    return c
 
 
 def run_stages(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
-    names = PIPELINE if cfg.stage == "all" else [cfg.stage]
+    names = list(cfg.get("pipeline") or PIPELINE) if cfg.stage == "all" else [cfg.stage]
     for n in names:
         stage_fn(n)  # fail on a bad name before any work is done
     results, times = {}, {}
     for n in names:
         t0 = time.time()
-        results[n] = stage_fn(n)(cfg)
+        results[n] = stage_fn(n)(stage_config(cfg, n))
         _barrier()
         times[n] = time.time() - t0
         print(f"[{n}] stage done in {times[n]:.1f}s", flush=True)

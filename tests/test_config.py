@@ -138,6 +138,19 @@ def test_other_stage_presets_name_a_known_stage(stage: str, compose_cfg) -> None
     assert set(PIPELINE) <= set(STAGES)
 
 
+@pytest.mark.parametrize("experiment", [None, *presets("experiment")])
+def test_every_pipeline_names_known_stages(experiment: str | None, compose_cfg) -> None:
+    from dynlm_pl.stages import stage_config, stage_fn
+
+    cfg = compose_cfg(["stage=all"] + ([f"experiment={experiment}"] if experiment else []))
+    assert list(cfg.pipeline)[-1] == "evaluate"
+    for name in cfg.pipeline:
+        assert callable(stage_fn(name))
+        c = stage_config(cfg, name)
+        assert c.gate.flush is (name != "meta_noflush")
+    assert cfg.gate.flush is True  # the variant changed a copy
+
+
 @pytest.mark.parametrize("experiment", presets("experiment"))
 def test_debug_fast_limits_every_experiment(experiment: str, compose_cfg) -> None:
     """debug=fast must win over an experiment's own stage-lm trainer settings (lm.trainer is merged

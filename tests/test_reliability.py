@@ -419,6 +419,16 @@ def test_non_positive_sizes(key: str, value: int, trained: Path, tmp_path: Path,
     assert_kept(before, run)
 
 
+@pytest.mark.parametrize("value", [0, -0.5])
+def test_non_positive_max_drift(value: float, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = copy_run(trained, tmp_path)
+    before = snapshot(run)
+    cfg = cfg_for(tmp_path, "stage=meta", f"eval.max_drift={value}")
+    msg = guarded_error(lambda: evaluation.run(check_config(cfg)), capsys)
+    assert msg == f"error: eval.max_drift must be a positive number or null (no bound), got {value}"
+    assert_kept(before, run)
+
+
 def test_every_preset_passes_the_config_check(tmp_path: Path) -> None:
     for exp in ("smoke", "cpu", "paper"):
         check_config(compose_config([f"experiment={exp}"], tmp_path))

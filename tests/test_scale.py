@@ -312,3 +312,32 @@ def test_shared_theta_eval_equals_an_independent_batch_loop(synthetic_corpus_ses
                 p -= lr * p.grad
         want.append(losses.detach())
     assert torch.allclose(got, torch.cat(want, 1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_max_drift_keeps_theta_on_the_trust_region(synthetic_corpus_session, streams: int) -> None:
+    """eval.max_drift: a rule that drifts far (SGD at a large step, no decay) stays within max_drift·‖θ_0‖ after
+    every update, per stream; a radius it never reaches changes nothing."""
+    tokens = synthetic_corpus_session.splits["valid"][:303]
+    model = _tiny_model(len(synthetic_corpus_session.vocab))
+    dyn = DynamicWeights.build(model)
+    r0 = float(dyn.theta0.norm())
+
+    def run(max_drift: float | None) -> tuple[torch.Tensor, list[float]]:
+        drift: list[float] = []
+
+        def log(_s: int, th: torch.Tensor) -> None:
+            drift.append(float((th.detach() - dyn.theta0).norm(dim=-1).max()))
+
+        losses = adaptive_eval(model, tokens, SGDRule(2.0), 5, dyn, batch_size=streams, max_drift=max_drift,
+                               on_segment=log)
+        return losses, drift
+
+    free, free_drift = run(None)
+    assert max(free_drift) > 0.2 * r0  # without the bound it leaves the ball below
+    capped, capped_drift = run(0.1)
+    assert max(capped_drift) <= 0.1 * r0 * (1 + 1e-5)
+    assert torch.isfinite(capped).all()
+    assert not torch.allclose(free, capped)  # the bound acted
+    wide, _ = run(1e3)
+    assert torch.equal(wide, free)
