@@ -1,5 +1,8 @@
 """Meta-training throughput and peak memory: `python bench/bench_meta.py [--unrolls 10 20 40 80] [--steps 1]
-[--hidden 0] [--fused]`.
+[--hidden 0] [--fused] [--modes nested step off]`.
+
+Modes: `off` (no checkpointing), `step` (each inner step a checkpoint region), `nested` (groups of
+√(U/2) steps rerun in backward, meta.checkpoint_group=auto).
 
 model=small (2×512 LSTM, 256-wide tied softmax) at the WikiText-2 vocabulary (33,278 words), random
 init and random tokens (speed and memory do not depend on the values), every parameter dynamic
@@ -19,14 +22,17 @@ import sys
 import time
 from pathlib import Path
 
+from dynlm_pl.systems.meta import group_size
+
 CHILD = r"""
 import json, resource, sys, time, torch
 from omegaconf import OmegaConf
 from dynlm_pl.dynamic import DynamicWeights
 from dynlm_pl.models.awd_lstm import AWDLSTM
 from dynlm_pl.systems.meta import MetaTrainModule
-unroll, ck, steps, threads, cap, hidden = int(sys.argv[1]), sys.argv[2] == "1", *map(int, sys.argv[3:7])
-fused = sys.argv[7] == "1"
+from dynlm_pl.systems.meta import group_size
+unroll, mode, steps, threads, cap, hidden = int(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:7])
+fused, ck = sys.argv[7] == "1", mode != "off"
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 torch.set_num_threads(threads)
 torch.manual_seed(0)
@@ -37,11 +43,15 @@ gate = OmegaConf.to_container(OmegaConf.load("conf/gate/paper.yaml"))
 gate["features"] = [f for f in gate["features"] if f not in ("fisher", "rms")]
 gate["hidden"] = [hidden] if hidden else []
 dyn = DynamicWeights.build(model)
-m = MetaTrainModule(model, dyn, gate, segment=5, unroll=unroll, checkpointing=ck)
+m = MetaTrainModule(model, dyn, gate, segment=5, unroll=unroll, checkpointing=ck,
+                    checkpoint_group=group_size("auto", unroll) if mode == "nested" else 0)
 m.meta.fused = fused
-if fused:  # compile outside the timed region (one short unroll)
-    loss = m.unroll(torch.randint(0, 33278, (1, 2 * 5 + 1)), 0, *m.initial_state(1))[0]
+if fused:  # compile outside the timed region: one short unroll (nested: in groups of 2, both update paths)
+    keep = dict(m.hparams)
+    m.hparams.unroll, m.hparams.checkpoint_group = 4, 2 if mode == "nested" else 0
+    loss = m.unroll(torch.randint(0, 33278, (1, 4 * 5 + 1)), 0, *m.initial_state(1))[0]
     loss.backward()
+    m.hparams.update(keep)
 opt = torch.optim.Adam(m.meta.parameters(), lr=1e-3)
 theta, hidden = m.initial_state(1)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -72,18 +82,19 @@ def main() -> None:
     ap.add_argument("--mem-cap-gb", type=float, default=12.0, help="address-space cap per run")
     ap.add_argument("--hidden", type=int, default=16, help="gate hidden width (0: linear)")
     ap.add_argument("--fused", action="store_true", help="meta.fused_gate: the compiled update")
+    ap.add_argument("--modes", nargs="+", default=["nested", "step", "off"], choices=["nested", "step", "off"])
     args = ap.parse_args()
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    rows: list[tuple[int, bool, dict]] = []
-    oom_at: dict[bool, int] = {}
+    rows: list[tuple[int, str, dict]] = []
+    oom_at: dict[str, int] = {}
     for unroll in args.unrolls:
-        for ck in (True, False):
+        for ck in args.modes:
             if ck in oom_at:  # memory grows with unroll: a larger one cannot fit either
                 rows.append((unroll, ck, {"status": f"OOM (skipped: already OOM at unroll {oom_at[ck]})"}))
                 continue
             t = time.time()
-            out = subprocess.run([sys.executable, "-c", CHILD, str(unroll), "1" if ck else "0", str(args.steps),
+            out = subprocess.run([sys.executable, "-c", CHILD, str(unroll), ck, str(args.steps),
                                   str(args.threads), str(int(args.mem_cap_gb * 2**30)), str(args.hidden),
                                   "1" if args.fused else "0"],
                                  capture_output=True, text=True, cwd=repo, env=env)
@@ -99,15 +110,20 @@ def main() -> None:
           f"({f'MLP {args.hidden}' if args.hidden else 'linear'}{', fused' if args.fused else ''}), "
           f"first order, segment 5, batch 1, {args.steps} meta-step(s) per row, {args.threads} threads, "
           f"address-space cap {args.mem_cap_gb:g} GB\n")
-    print("| unroll | checkpointing | status | tokens/s | s / meta-step | peak RSS (MB) | above set-up (MB) |")
-    print("|---:|:---:|:---|---:|---:|---:|---:|")
+    print("| unroll | checkpointing | status | tokens/s | s / meta-step | peak RSS (MB) | above set-up (MB) | "
+          "RSS / unroll 10 |")
+    print("|---:|:---:|:---|---:|---:|---:|---:|---:|")
+    ref = {ck: r["peak_mb"] for u, ck, r in rows if u == 10 and r.get("status") == "ok"}
     for unroll, ck, r in rows:
+        name = f"{ck} (group {group_size('auto', unroll)})" if ck == "nested" else ck
         if r.get("status") == "ok":
-            print(f"| {unroll} | {'on' if ck else 'off'} | ok | {r['tokens'] / r['seconds']:.1f} | "
-                  f"{r['seconds'] / args.steps:.1f} | {r['peak_mb']:.0f} | {r['peak_mb'] - r['base_mb']:.0f} |")
+            ratio = f"{r['peak_mb'] / ref[ck]:.2f}x" if ck in ref else "-"
+            print(f"| {unroll} | {name} | ok | {r['tokens'] / r['seconds']:.1f} | "
+                  f"{r['seconds'] / args.steps:.1f} | {r['peak_mb']:.0f} | {r['peak_mb'] - r['base_mb']:.0f} | "
+                  f"{ratio} |")
         else:
             peak = f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-"
-            print(f"| {unroll} | {'on' if ck else 'off'} | {r.get('status')} | - | - | {peak} | - |")
+            print(f"| {unroll} | {name} | {r.get('status')} | - | - | {peak} | - | - |")
 
 
 if __name__ == "__main__":

@@ -285,6 +285,16 @@ def inner_step(model: AWDLSTM, rule: Rule, spec: DynamicSpec, theta: Tensor, hid
     taken between them: an autograd.grad *inside* a checkpointed region makes torch keep that region's
     recomputed tensors alive (measured: half the savings lost).
     """
+    if not torch.is_grad_enabled():  # a forward-only pass (meta.checkpoint_group's first run): no graph kept
+        th = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses, hidden = score(model, spec, th, x, y, hidden)
+            per_stream = losses.mean(1)
+            (grad,) = torch.autograd.grad(per_stream.sum(), th)
+        feat = per_stream.detach() if theta.dim() == 2 else per_stream.detach().mean()
+        # the evaluation update, in place on a copy (theta is the region's saved input)
+        new = rule.update_(theta.detach().clone(), grad, feat)
+        return new, [(h.detach(), c.detach()) for h, c in hidden], losses.detach().sum()
     if not theta.requires_grad:  # fresh θ (start, reset, or detached at an unroll boundary)
         theta = theta.detach().requires_grad_(True)
     if checkpointing:

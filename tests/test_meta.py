@@ -426,3 +426,27 @@ def test_fused_training_update_gives_the_same_meta_gradient(stream: tuple[Tensor
     assert max(float(g.abs().max()) for g in grads[0]) > 1e-6
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("order", "streams"), [(1, 1), (2, 1), (1, 2)])
+def test_nested_checkpointing_gives_the_same_meta_gradient(stream: tuple[Tensor, int], order: int,
+                                                           streams: int) -> None:
+    """meta.checkpoint_group: groups of steps rerun in backward (CheckpointedSteps) give the per-step
+    checkpointed meta-loss, θ_U, hidden state and φ gradient (float64; group 3 of 7 leaves a short last group)."""
+    tokens, vocab = stream
+    chunk = tokens[: streams * (7 * SEG + 1)].view(streams, -1)
+    out = []
+    for group in (0, 3):
+        module = double_module(vocab, order, checkpointing=True, unroll=7)
+        module.hparams.checkpoint_group = group
+        module.hparams.ewc_lambda = 0.1  # the EWC term is part of each group's loss too
+        module.lm.kernel = "manual" if streams > 1 else module.lm.kernel  # one θ per stream (vmap)
+        loss, theta, hidden, _ = module.unroll(chunk, 0, *module.initial_state(streams))
+        grads = torch.autograd.grad(loss, list(module.meta.parameters()))
+        out.append((loss.detach(), theta.detach(), hidden[-1][0].detach(), grads))
+    (l0, t0, h0, g0), (l1, t1, h1, g1) = out
+    assert torch.allclose(l0, l1, rtol=1e-12) and torch.allclose(t0, t1, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(h0, h1, rtol=1e-10, atol=1e-12)
+    assert max(float(g.abs().max()) for g in g0) > 1e-6
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -106,18 +106,23 @@ def _torchrun_worker(rank: int, world: int, port: int, cfg: DictConfig, record: 
             dist.destroy_process_group()
 
 
-def test_ddp_two_ranks_make_the_single_process_phi_update(base_root: Path) -> None:
+DDP_GROUPS = (0, 3)  # per-step checkpointing, and nested groups of 3 steps (CheckpointedSteps)
+
+
+@pytest.mark.parametrize("group", DDP_GROUPS)
+def test_ddp_two_ranks_make_the_single_process_phi_update(base_root: Path, group: int) -> None:
     # Precondition: both streams reset θ at an article start inside the 2 unrolls, at different segments.
     corpus = synthetic_corpus(articles=ARTICLES, article_len=ARTICLE_LEN)
     train = batchify(corpus.splits["train"], 2)
     mask = article_reset_mask(corpus.articles["train"], 2, train.size(1), 5)[:, : STEPS * UNROLL]
     assert mask.any(1).all() and not torch.equal(mask[0], mask[1])
 
-    meta = [*META, "logger=csv", "meta.streams=2", "meta.trainer.log_every_n_steps=1"]
+    meta = [*META, "logger=csv", "meta.streams=2", "meta.trainer.log_every_n_steps=1",
+            f"meta.checkpoint_group={group}"]
     # One process, both streams (per-stream θ [2, P] through vmap, kernel=manual).
-    run_stages(compose_config([*meta, "name=one"], base_root))
+    run_stages(compose_config([*meta, f"name=one{group}"], base_root))
     # Two processes, one stream each (θ [P], the same kernel=manual: run() switches it for meta.streams > 1).
-    cfg = compose_config([*meta, "name=two", "trainer=ddp_cpu", "trainer.strategy=ddp"], base_root)
+    cfg = compose_config([*meta, f"name=two{group}", "trainer=ddp_cpu", "trainer.strategy=ddp"], base_root)
     # fork: the children inherit the imported modules (a spawned child re-imports Lightning, ~10x slower).
     record = str(base_root / "streams")
     mp.start_processes(_torchrun_worker, args=(2, _free_port(), cfg, record), nprocs=2, join=True,
@@ -126,7 +131,7 @@ def test_ddp_two_ranks_make_the_single_process_phi_update(base_root: Path) -> No
         assert torch.equal(torch.load(f"{record}.{rank}", weights_only=True), train[rank : rank + 1])
         os.unlink(f"{record}.{rank}")
 
-    one, two = base_root / "one", base_root / "two"
+    one, two = base_root / f"one{group}", base_root / f"two{group}"
     a, b = phi(one / "meta-last.ckpt"), phi(two / "meta-last.ckpt")
     assert a.keys() == b.keys()
     assert float((a["meta.out.bias"] - torch.tensor([10.0, 0.0, -10.0])).abs().max()) > 1e-4  # φ moved from init
@@ -140,7 +145,7 @@ def test_ddp_two_ranks_make_the_single_process_phi_update(base_root: Path) -> No
     for x, y in zip(g1, g2, strict=True):
         assert math.isclose(x, y, rel_tol=1e-5), (g1, g2)
     # One run directory, written once: rank 1 left no log version, checkpoint or hydra directory of its own.
-    assert sorted(p.name for p in base_root.iterdir()) == [BASE, "one", "two"]
+    assert {p.name for p in base_root.iterdir()} - {BASE} <= {f"{w}{g}" for w in ("one", "two") for g in DDP_GROUPS}
     assert [p.name for p in (two / "logs").iterdir()] == ["version_0"]
     assert {"meta.ckpt", "meta-last.ckpt", "lm.ckpt", "fisher.pt"} <= {p.name for p in two.iterdir()}
     assert os.path.samefile(two / "lm.ckpt", base_root / BASE / "lm.ckpt")  # linked, not retrained

@@ -8,13 +8,18 @@ detached, and reading continues online. θ goes back to θ_0 every `reset_every`
 article starts. Only φ trains: the LM is frozen.
 
 Memory: with `checkpointing`, each inner step is one non-reentrant `torch.utils.checkpoint` region,
-so an unroll stores about one θ per step (its input) and recomputes the step's graph in backward.
+so an unroll stores about θ_{t-1} and ∇L_t per step (2P floats) and recomputes the step's graph in backward.
+`checkpoint_group` G > 1 nests this: groups of G steps run first without any graph and keep only their
+input θ and hidden state; backward reruns one group at a time with per-step checkpointing. An unroll of
+U steps then holds U/G + 2G parameter-sized tensors instead of 2U (G = √(U/2): 2√(2U)), for one more
+forward pass per step.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -80,11 +85,47 @@ def article_reset_mask(articles: list[tuple[int, str]], n_streams: int, stream_l
     return mask
 
 
+class CheckpointedSteps(torch.autograd.Function):
+    """A run of inner steps as one region that stores only its input state (θ, hidden tensors).
+
+    forward: `run(*state) -> (θ, *hidden, loss)` without a graph. backward: rerun it with one (its steps
+    checkpointed one by one) and backpropagate into the state and φ. A Function rather than a reentrant
+    `checkpoint`: φ's gradient is returned as an input gradient, so autograd sums it over regions before
+    φ's accumulator fires once (what DDP's hooks expect), and ∇L_t is taken inside the region.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[..., tuple[Tensor, ...]], n_state: int, *args: Tensor) -> tuple[Tensor, ...]:
+        ctx.run, ctx.params = run, args[n_state:]
+        ctx.save_for_backward(*args[:n_state])
+        return run(*args[:n_state])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        state = [t.detach().requires_grad_(t.is_floating_point()) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            outs = ctx.run(*state)
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad]
+        wrt = [t for t in (*state, *ctx.params) if t.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+        return None, None, *[next(got) if t.requires_grad else None for t in (*state, *ctx.params)]
+
+
+def group_size(setting: int | str | None, unroll: int) -> int:
+    """meta.checkpoint_group: 'auto' -> √(unroll/2) rounded (fewest stored tensors); 0 or 1: per step only."""
+    if setting in ("auto", None):
+        return max(1, round(math.sqrt(unroll / 2)))
+    require(isinstance(setting, int) and setting >= 0, f"meta.checkpoint_group must be auto or an integer >= 0, "
+            f"got {setting!r}")
+    return int(setting)
+
+
 class MetaTrainModule(L.LightningModule):
     """Manual optimization of φ (Adam) through unrolled dynamic evaluation of a frozen LM."""
 
     def __init__(self, lm: AWDLSTM, dyn: DynamicWeights, gate: dict[str, Any], segment: int = 5,
-                 unroll: int = 40, order: int = 1, checkpointing: bool = True, reset_every: int = 0,
+                 unroll: int = 40, order: int = 1, checkpointing: bool = True, checkpoint_group: int = 0,
+                 reset_every: int = 0,
                  ewc_lambda: float = 0.0, lr: float = 1e-3, weight_decay: float = 0.0, clip: float = 1.0,
                  train_streams: Tensor | None = None, reset_mask: Tensor | None = None,
                  val_tokens: Tensor | None = None, provenance: dict[str, Any] | None = None) -> None:
@@ -150,8 +191,37 @@ class MetaTrainModule(L.LightningModule):
                hidden: Hidden) -> tuple[Tensor, Tensor, Hidden, int]:
         """`unroll` inner steps over chunk [B, U·M+1]: (meta-loss, θ_U, hidden, tokens scored)."""
         hp = self.hparams
-        total, n_tok = theta.new_zeros(()), 0
-        for k in range(hp.unroll):
+        n_tok = hp.unroll * hp.segment * chunk.size(0)
+        g = hp.get("checkpoint_group", 0)
+        if not (hp.checkpointing and 1 < g < hp.unroll):
+            total, theta, hidden = self.steps(chunk, first_seg, 0, hp.unroll, theta, hidden)
+            return total / n_tok, theta, hidden, n_tok
+        total = theta.new_zeros(())
+        params = [p for p in self.meta.parameters() if p.requires_grad]
+        for k0 in range(0, hp.unroll, g):
+            run = self._group_fn(chunk, first_seg, k0, min(hp.unroll, k0 + g))
+            state = [theta, *[t for hc in hidden for t in hc]]
+            *state, part = CheckpointedSteps.apply(run, len(state), *state, *params)
+            theta, hidden = state[0], list(zip(state[1::2], state[2::2], strict=True))
+            total = total + part
+        return total / n_tok, theta, hidden, n_tok
+
+    def _group_fn(self, chunk: Tensor, first_seg: int, k0: int, k1: int) -> Callable[..., tuple[Tensor, ...]]:
+        """Steps k0..k1 as a function of the flat state (θ, h_1, c_1, ...) -> (θ, h_1, c_1, ..., loss sum)."""
+
+        def run(theta: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
+            hidden = list(zip(flat[0::2], flat[1::2], strict=True))
+            total, theta, hidden = self.steps(chunk, first_seg, k0, k1, theta, hidden)
+            return theta, *[t for hc in hidden for t in hc], total
+
+        return run
+
+    def steps(self, chunk: Tensor, first_seg: int, k0: int, k1: int, theta: Tensor,
+              hidden: Hidden) -> tuple[Tensor, Tensor, Hidden]:
+        """Inner steps k0..k1-1 of the unroll: (summed token loss (+ EWC), θ, hidden)."""
+        hp = self.hparams
+        total = theta.new_zeros(())
+        for k in range(k0, k1):
             x = chunk[:, k * hp.segment : (k + 1) * hp.segment]
             y = chunk[:, k * hp.segment + 1 : (k + 1) * hp.segment + 1]
             if self.reset_mask is not None:
@@ -166,8 +236,7 @@ class MetaTrainModule(L.LightningModule):
                 pen = checkpoint(self._penalty, theta, use_reentrant=False) if hp.checkpointing else \
                     self._penalty(theta)
                 total = total + pen * y.numel()
-            n_tok += y.numel()
-        return total / n_tok, theta, hidden, n_tok
+        return total, theta, hidden
 
     def initial_state(self, batch: int) -> tuple[Tensor, Hidden]:
         theta = self.dyn.theta0.clone() if batch == 1 else self.dyn.theta0.expand(batch, -1).clone()
@@ -401,9 +470,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             gate.update(**tuned["rms"]["hparams"], rms_scale=True)
             print(f"[meta] gate=krause_init starts from the tuned rms rule {tuned['rms']['hparams']}")
     dyn = DynamicWeights.build(lm, list(m.dynamic.include), list(m.dynamic.exclude), art)
+    module_group = group_size(m.get("checkpoint_group", 0), unroll)
     print(f"[meta] {len(dyn.spec.names)} dynamic tensors, {dyn.spec.numel:,} coordinates; gate={gate['param']}, "
           f"unroll={unroll}, segment={segment}, streams={streams}, order={m.order}, "
-          f"checkpointing={m.checkpointing}, fisher.pt={'yes' if art is not None else 'no'}")
+          f"checkpointing={m.checkpointing} (group {module_group}), fisher.pt={'yes' if art is not None else 'no'}")
     # The stream φ learns from: the training split, or the validation split past the selection slice
     # (the LM has fitted its training text, so adaptation there can teach a rule that held-out text
     # punishes -- measured on the synthetic corpus: larger and larger steps; Krause tunes on valid too).
@@ -422,6 +492,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     val = val[:n_sel]
     module = MetaTrainModule(
         lm, dyn, gate, segment=segment, unroll=unroll, order=int(m.order), checkpointing=bool(m.checkpointing),
+        checkpoint_group=module_group,
         reset_every=int(m.reset_every), ewc_lambda=float(m.ewc_lambda), lr=float(m.optim.lr),
         weight_decay=float(m.optim.weight_decay), clip=float(m.optim.clip), train_streams=train,
         reset_mask=reset_mask, val_tokens=val,
