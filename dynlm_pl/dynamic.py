@@ -56,8 +56,11 @@ class DynamicSpec:
         return torch.cat([tensors[n].detach().reshape(-1) for n in self.names])
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """[P] -> {name: view of shape}; differentiable (gradients flow back into `flat`)."""
-        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes, strict=True)}
+        """[P] -> {name: view of shape}, [B, P] -> {name: [B, *shape]}; differentiable (gradients flow back
+        into `flat`)."""
+        lead = flat.shape[:-1]
+        return {n: t.view(*lead, *s) for n, t, s in zip(self.names, flat.split(self.sizes, -1), self.shapes,
+                                                         strict=True)}
 
 
 def select_dynamic(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> DynamicSpec:
@@ -131,7 +134,8 @@ def score(model: AWDLSTM, spec: DynamicSpec, theta: Tensor, x: Tensor, y: Tensor
     """Per-token losses [B, T] of segment x -> y [B, T] under θ, and the hidden state after it.
 
     theta [P]: one set of weights for all B rows. theta [B, P]: row b has its own weights (streams
-    adapt independently); run through vmap, which needs the matmul LSTM (`kernel=manual`).
+    adapt independently): each dynamic tensor gets a leading stream dimension and the model runs them as
+    batched matmuls (static tensors stay shared: one softmax matrix for all rows when it is not dynamic).
     """
     if x.is_cuda and model.kernel == "fused":
         # cuDNN's LSTM refuses backward in eval mode and has no double backward: use ATen's kernel.
@@ -142,16 +146,8 @@ def score(model: AWDLSTM, spec: DynamicSpec, theta: Tensor, x: Tensor, y: Tensor
 
 def _score(model: AWDLSTM, spec: DynamicSpec, theta: Tensor, x: Tensor, y: Tensor,
            hidden: Hidden) -> tuple[Tensor, Hidden]:
-    if theta.dim() == 1:
-        out = functional_call(model, spec.unflatten(theta), (x, hidden))
-        return token_losses(out.logits, y), out.hidden
-    require(model.kernel == "manual", "per-stream dynamic weights (meta.streams > 1) need model.kernel=manual")
-
-    def one(th: Tensor, xb: Tensor, yb: Tensor, hb: Hidden) -> tuple[Tensor, Hidden]:
-        out = functional_call(model, spec.unflatten(th), (xb[None], [(h[None], c[None]) for h, c in hb]))
-        return token_losses(out.logits, yb[None])[0], [(h[0], c[0]) for h, c in out.hidden]
-
-    return torch.func.vmap(one)(theta, x, y, hidden)
+    out = functional_call(model, spec.unflatten(theta), (x, hidden))
+    return token_losses(out.logits, y), out.hidden
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -259,10 +259,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     require(segment >= 1, f"eval.segment must be a positive number of tokens, got {segment}")
     n_streams, shared = int(e.get("streams", 1)), bool(e.get("shared_theta", False))
     require(n_streams >= 1, f"eval.streams must be a positive integer, got {n_streams}")
-    if n_streams > 1 and not shared and lm.kernel == "fused":
-        print(f"[evaluate] eval.streams={n_streams} keeps one θ per stream through vmap: switching the LM to "
-              "kernel=manual (same weights, same numbers)")
-        lm.kernel = "manual"
 
     art = _load_fisher(out, lm_sha)
     rules: dict[str, Rule | None] = {}

@@ -440,7 +440,6 @@ def test_nested_checkpointing_gives_the_same_meta_gradient(stream: tuple[Tensor,
         module = double_module(vocab, order, checkpointing=True, unroll=7)
         module.hparams.checkpoint_group = group
         module.hparams.ewc_lambda = 0.1  # the EWC term is part of each group's loss too
-        module.lm.kernel = "manual" if streams > 1 else module.lm.kernel  # one θ per stream (vmap)
         loss, theta, hidden, _ = module.unroll(chunk, 0, *module.initial_state(streams))
         grads = torch.autograd.grad(loss, list(module.meta.parameters()))
         out.append((loss.detach(), theta.detach(), hidden[-1][0].detach(), grads))

@@ -180,3 +180,33 @@ def test_carried_hidden_equals_one_long_sequence(kernel: str) -> None:
     assert_hidden_equal(second.hidden, full.hidden, atol=1e-6)
     # Guard: starting the second window from zeros instead gives other numbers.
     assert not torch.allclose(restart.logits, second.logits, atol=1e-4)
+
+
+def test_stream_lstm_backward_equals_autograd_through_plain_ops() -> None:
+    """StreamLSTM (per-stream recurrent weights, backward written out) against autograd through
+    lstm_manual's per-step bmm, in float64: outputs and every input gradient, incl. h_T / c_T cotangents."""
+    from dynlm_pl.models.awd_lstm import StreamLSTM, lstm_manual
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, In = 3, 4, 5, 6
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True)  # noqa: E731
+    x, h0, c0 = mk(B, T, In), mk(B, H), mk(B, H)
+    w_ih, w_hh, b_ih, b_hh = mk(B, 4 * H, In), mk(B, 4 * H, H), mk(B, 4 * H), mk(B, 4 * H)
+    w_out, w_h, w_c = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((B, T, H), (B, H), (B, H)))
+    inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh]
+
+    def run(fast: bool) -> tuple[Tensor, list[Tensor]]:
+        if fast:
+            xs = torch.baddbmm((b_ih + b_hh)[:, None], x, w_ih.transpose(1, 2))
+            out, h, c = StreamLSTM.apply(xs, h0, c0, w_hh)
+        else:
+            out, (h, c) = lstm_manual(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+        loss = (out * w_out).sum() + (h * w_h).sum() + (c * w_c).sum()
+        return out.detach(), list(torch.autograd.grad(loss, inputs))
+
+    (o1, g1), (o2, g2) = run(True), run(False)
+    assert torch.allclose(o1, o2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda xs, w: StreamLSTM.apply(xs, h0.detach(), c0.detach(), w),
+                                    (mk(B, T, 4 * H), mk(B, 4 * H, H)))

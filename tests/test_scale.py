@@ -119,9 +119,9 @@ def test_ddp_two_ranks_make_the_single_process_phi_update(base_root: Path, group
 
     meta = [*META, "logger=csv", "meta.streams=2", "meta.trainer.log_every_n_steps=1",
             f"meta.checkpoint_group={group}"]
-    # One process, both streams (per-stream θ [2, P] through vmap, kernel=manual).
+    # One process, both streams (per-stream θ [2, P]: batched matmuls, StreamLSTM).
     run_stages(compose_config([*meta, f"name=one{group}"], base_root))
-    # Two processes, one stream each (θ [P], the same kernel=manual: run() switches it for meta.streams > 1).
+    # Two processes, one stream each (θ [P], torch.lstm).
     cfg = compose_config([*meta, f"name=two{group}", "trainer=ddp_cpu", "trainer.strategy=ddp"], base_root)
     # fork: the children inherit the imported modules (a spawned child re-imports Lightning, ~10x slower).
     record = str(base_root / "streams")
@@ -268,16 +268,18 @@ def test_slurm_launcher_preset_composes(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _tiny_model(vocab: int) -> AWDLSTM:
+def _tiny_model(vocab: int, kernel: str = "manual") -> AWDLSTM:
     torch.manual_seed(0)
     return AWDLSTM(vocab, emb_size=8, hidden_size=12, num_layers=2, dropout=0.0, dropouth=0.0, dropouti=0.0,
-                   dropoute=0.0, wdrop=0.0, kernel="manual").eval().requires_grad_(False)
+                   dropoute=0.0, wdrop=0.0, kernel=kernel).eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("rule_name", ["sgd", "rms", "meta"])
-def test_per_stream_eval_equals_separate_batch1_runs(synthetic_corpus_session, rule_name: str) -> None:
+@pytest.mark.parametrize(("rule_name", "kernel"), [("sgd", "manual"), ("rms", "manual"), ("meta", "manual"),
+                                                   ("sgd", "fused"), ("meta", "fused")])
+def test_per_stream_eval_equals_separate_batch1_runs(synthetic_corpus_session, rule_name: str, kernel: str) -> None:
+    """B streams with their own θ (batched matmuls; kernel=fused: StreamLSTM) == B runs at batch 1."""
     tokens = synthetic_corpus_session.splits["valid"][:403]
-    model = _tiny_model(len(synthetic_corpus_session.vocab))
+    model = _tiny_model(len(synthetic_corpus_session.vocab), kernel)
     dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
     gate = {"param": "krause", "hidden": [], "features": ["theta", "delta", "grad", "loss", "rms"], "embed_dim": 2,
             "lr": 0.3, "lamb": 0.01}

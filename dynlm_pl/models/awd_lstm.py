@@ -7,14 +7,15 @@ untied when a dict is swapped in, and appear once in `named_parameters()`.
 
 Two LSTM kernels share one weight layout (nn.LSTM's: gates i, f, g, o stacked in 4H rows):
 `fused` calls `torch.lstm` (what nn.LSTM runs; fast, double-differentiable on CPU), `manual` writes
-the recurrence with matmuls (vmappable, double-differentiable on GPUs where cuDNN is not, usable for
-backward in eval mode). Both give the same numbers.
+the recurrence with matmuls (double-differentiable on GPUs where cuDNN is not, usable for backward in
+eval mode). Both give the same numbers. Any weight may also carry a leading stream dimension (one set of
+weights per row, `dynamic.score` with θ [B, P]): batched matmuls, with `StreamLSTM` under `fused`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +49,84 @@ def embedding_dropout(weight: Tensor, p: float, training: bool) -> Tensor:
 
 def lstm_manual(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
                 b_hh: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """One LSTM layer in plain ops. x: [B, T, I]; state (h, c): [B, H]; w_ih: [4H, I]; w_hh: [4H, H]."""
+    """One LSTM layer in plain ops. x: [B, T, I]; state (h, c): [B, H]; w_ih: [4H, I]; w_hh: [4H, H].
+
+    Any weight may carry a leading stream dimension (w_ih [B, 4H, I], b_ih [B, 4H], ...): row b then runs
+    on its own weights, as batched matmuls (per-stream dynamic weights, `dynamic.score` with θ [B, P]).
+    """
     h, c = state
-    xs = torch.addmm(b_ih + b_hh, x.reshape(-1, x.size(-1)), w_ih.t()).view(x.size(0), x.size(1), -1)
+    bias = b_ih + b_hh  # [4H] or [B, 4H]
+    if w_ih.dim() == 2:
+        xs = torch.addmm(bias if bias.dim() == 1 else bias.repeat_interleave(x.size(1), 0),
+                         x.reshape(-1, x.size(-1)), w_ih.t()).view(x.size(0), x.size(1), -1)
+    else:
+        xs = torch.baddbmm(bias.expand(x.size(0), -1)[:, None], x, w_ih.transpose(1, 2))  # [B, T, 4H]
     outs = []
     for t in range(x.size(1)):  # only the recurrent part loops over time
-        gates = xs[:, t] + h @ w_hh.t()  # [B, 4H]
+        # [B, 4H]; per stream: [B, 4H, H] @ [B, H, 1], the weight read row-major as it is stored
+        gates = xs[:, t] + (h @ w_hh.t() if w_hh.dim() == 2 else torch.bmm(w_hh, h[:, :, None])[:, :, 0])
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         outs.append(h)
     return torch.stack(outs, dim=1), (h, c)
+
+
+class StreamLSTM(torch.autograd.Function):
+    """The recurrence of one LSTM layer with a recurrent weight per stream, backward written out.
+
+    xs [B, T, 4H] (input projections, biases included), h0, c0 [B, H], w_hh [B, 4H, H] -> hs [B, T, H],
+    h_T, c_T. Autograd through per-step `bmm`s would form the weight gradient as T outer products
+    [B, 4H, 1] x [B, 1, H] (each a pass over B weight matrices, measured 20 ms each at B=8 on model=small);
+    here it is one bmm over time, as in a fused kernel. First order only, like cuDNN's kernel.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, xs: Tensor, h: Tensor, c: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hs, acts, cs = [h], [], [c]
+        for t in range(xs.size(1)):
+            g = torch.baddbmm(xs[:, t, :, None], w_hh, h[:, :, None])[:, :, 0]  # [B, 4H]
+            i, f, gg, o = g.chunk(4, dim=1)
+            i, f, gg, o = i.sigmoid(), f.sigmoid(), gg.tanh(), o.sigmoid()
+            c = f * c + i * gg
+            h = o * c.tanh()
+            hs.append(h)
+            acts.append(torch.cat([i, f, gg, o], 1))
+            cs.append(c)
+        hs_all = torch.stack(hs, 1)  # [B, T+1, H]: h_0 .. h_T
+        ctx.save_for_backward(w_hh, torch.stack(acts, 1), torch.stack(cs, 1), hs_all)
+        return hs_all[:, 1:], h, c
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor | None, d_h: Tensor | None,
+                 d_c: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        w_hh, acts, cs, hs = ctx.saved_tensors  # acts [B, T, 4H], cs [B, T+1, H], hs [B, T+1, H]
+        T = acts.size(1)
+        dh = torch.zeros_like(hs[:, 0]) if d_h is None else d_h.clone()
+        dc = torch.zeros_like(cs[:, 0]) if d_c is None else d_c.clone()
+        dgates = torch.empty_like(acts)
+        for t in range(T - 1, -1, -1):
+            if d_out is not None:
+                dh = dh + d_out[:, t]
+            i, f, gg, o = acts[:, t].chunk(4, dim=1)
+            tc = cs[:, t + 1].tanh()
+            dc = dc + dh * o * (1 - tc * tc)
+            torch.cat([dc * gg * i * (1 - i), dc * cs[:, t] * f * (1 - f), dc * i * (1 - gg * gg),
+                       dh * tc * o * (1 - o)], 1, out=dgates[:, t])
+            dc = dc * f
+            dh = torch.bmm(dgates[:, t, None], w_hh)[:, 0]  # [B, 1, 4H] @ [B, 4H, H]
+        d_w = torch.bmm(dgates.transpose(1, 2), hs[:, :-1])  # Σ_t dgates_t ⊗ h_{t-1}: [B, 4H, H]
+        return dgates, dh, dc, d_w
+
+
+def lstm_streams(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
+                 b_hh: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """`lstm_manual`'s contract with per-stream weights through `StreamLSTM` (first order)."""
+    B, bias = x.size(0), b_ih + b_hh
+    w_ih = w_ih.expand(B, -1, -1) if w_ih.dim() == 2 else w_ih
+    xs = torch.baddbmm(bias.expand(B, -1)[:, None], x, w_ih.transpose(1, 2))  # [B, T, 4H]
+    out, h, c = StreamLSTM.apply(xs, *state, w_hh.expand(B, -1, -1) if w_hh.dim() == 2 else w_hh)
+    return out, (h, c)
 
 
 def lstm_fused(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
@@ -123,9 +191,18 @@ class AWDLSTM(nn.Module):
         """tokens: int64 [B, T] -> LMOutput with logits [B, T, V]."""
         if hidden is None:
             hidden = self.init_hidden(tokens.size(0))
-        lstm = lstm_fused if self.kernel == "fused" else lstm_manual
+        # A weight with a leading stream dimension (θ [B, P] unflattened by `dynamic.score`): row b runs on
+        # its own weights, as batched matmuls (kernel=fused: StreamLSTM, first order; manual: plain ops)
+        per_stream = any(t.dim() > (1 if "bias" in n else 2) for n, t in self._weights())
+        if per_stream and self.training:
+            raise ValueError("per-stream weights are for adaptation of a frozen LM: call .eval() first")
+        lstm = (lstm_streams if per_stream else lstm_fused) if self.kernel == "fused" else lstm_manual
         emb_w = embedding_dropout(self.encoder.weight, self.dropoute, self.training)
-        x = locked_dropout(F.embedding(tokens, emb_w), self.dropouti, self.training)
+        if emb_w.dim() == 2:
+            x = F.embedding(tokens, emb_w)
+        else:  # [B, V, E]: row b looks its words up in its own table
+            x = emb_w[torch.arange(tokens.size(0), device=tokens.device)[:, None], tokens]
+        x = locked_dropout(x, self.dropouti, self.training)
         new_hidden = []
         for layer, rnn in enumerate(self.rnns):
             # DropConnect on the recurrent weights: one mask per forward (i.e. per window), as AWD-LSTM.
@@ -136,8 +213,20 @@ class AWDLSTM(nn.Module):
                 x = locked_dropout(x, self.dropouth, self.training)
         raw = x
         out = locked_dropout(raw, self.dropout, self.training)
-        logits = F.linear(out, self.encoder.weight, self.decoder_bias)  # tied decoder
+        w, b = self.encoder.weight, self.decoder_bias  # tied decoder
+        if w.dim() == 2 and b.dim() == 1:
+            logits = F.linear(out, w, b)
+        else:  # per-stream table [B, V, E] and/or bias [B, V]
+            logits = (out @ w.t() if w.dim() == 2 else torch.bmm(out, w.transpose(1, 2))) + \
+                (b if b.dim() == 1 else b[:, None])
         return LMOutput(logits, new_hidden, raw, out)
+
+    def _weights(self) -> list[tuple[str, Tensor]]:
+        """The weights forward reads, as named attributes (swapped in by functional_call)."""
+        out = [("encoder.weight", self.encoder.weight), ("decoder_bias", self.decoder_bias)]
+        for i, r in enumerate(self.rnns):
+            out += [(f"rnns.{i}.{k}", getattr(r, k)) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        return out
 
 
 def detach_hidden(hidden: Hidden) -> Hidden:

@@ -450,9 +450,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     gate = gate_config(cfg, art is not None)
     unroll, segment, streams = int(cfg.unroll), int(m.segment), int(m.streams)
     require(unroll >= 1 and segment >= 1 and streams >= 1, "unroll, meta.segment and meta.streams must be >= 1")
-    if streams > 1 and lm.kernel == "fused":
-        print("[meta] meta.streams > 1 keeps one θ per stream through vmap: switching the LM to kernel=manual "
-              "(same weights, same numbers)")
+    if streams > 1 and int(m.order) == 2 and lm.kernel == "fused":
+        print("[meta] meta.streams > 1 with meta.order=2: per-stream weights need the double-differentiable LSTM, "
+              "switching the LM to kernel=manual (same weights, same numbers)")
         lm.kernel = "manual"
     val = corpus.splits["valid"]
     tuned: dict[str, Any] | None = None
