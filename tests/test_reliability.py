@@ -429,6 +429,15 @@ def test_non_positive_max_drift(value: float, trained: Path, tmp_path: Path, cap
     assert_kept(before, run)
 
 
+def test_unknown_pipeline_stage(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = copy_run(trained, tmp_path)
+    before = snapshot(run)
+    cfg = cfg_for(tmp_path, "stage=all", "pipeline=[lm,nope]")
+    msg = guarded_error(lambda: run_stages(cfg), capsys)
+    assert msg == "error: unknown stage 'nope'; use one of lm, fisher, meta, evaluate, meta_noflush or all"
+    assert_kept(before, run)
+
+
 def test_every_preset_passes_the_config_check(tmp_path: Path) -> None:
     for exp in ("smoke", "cpu", "paper"):
         check_config(compose_config([f"experiment={exp}"], tmp_path))
