@@ -189,7 +189,7 @@ def test_stream_lstm_backward_equals_autograd_through_plain_ops() -> None:
 
     g = torch.Generator().manual_seed(0)
     B, T, H, In = 3, 4, 5, 6
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True)  # noqa: E731
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True)
     x, h0, c0 = mk(B, T, In), mk(B, H), mk(B, H)
     w_ih, w_hh, b_ih, b_hh = mk(B, 4 * H, In), mk(B, 4 * H, H), mk(B, 4 * H), mk(B, 4 * H)
     w_out, w_h, w_c = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((B, T, H), (B, H), (B, H)))

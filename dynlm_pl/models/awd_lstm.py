@@ -47,6 +47,16 @@ def embedding_dropout(weight: Tensor, p: float, training: bool) -> Tensor:
     return weight * mask
 
 
+def input_gates(x: Tensor, w_ih: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """x [B, T, I] -> W_ih x + b [B, T, 4H], for all time steps at once; w_ih [4H, I] or [B, 4H, I], biases
+    [4H] or [B, 4H]."""
+    bias = b_ih + b_hh
+    if w_ih.dim() == 2 and bias.dim() == 1:
+        return torch.addmm(bias, x.reshape(-1, x.size(-1)), w_ih.t()).view(x.size(0), x.size(1), -1)
+    w = w_ih if w_ih.dim() == 3 else w_ih.expand(x.size(0), -1, -1)
+    return torch.baddbmm(bias.expand(x.size(0), -1)[:, None], x, w.transpose(1, 2))
+
+
 def lstm_manual(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
                 b_hh: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One LSTM layer in plain ops. x: [B, T, I]; state (h, c): [B, H]; w_ih: [4H, I]; w_hh: [4H, H].
@@ -55,12 +65,7 @@ def lstm_manual(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Ten
     on its own weights, as batched matmuls (per-stream dynamic weights, `dynamic.score` with θ [B, P]).
     """
     h, c = state
-    bias = b_ih + b_hh  # [4H] or [B, 4H]
-    if w_ih.dim() == 2:
-        xs = torch.addmm(bias if bias.dim() == 1 else bias.repeat_interleave(x.size(1), 0),
-                         x.reshape(-1, x.size(-1)), w_ih.t()).view(x.size(0), x.size(1), -1)
-    else:
-        xs = torch.baddbmm(bias.expand(x.size(0), -1)[:, None], x, w_ih.transpose(1, 2))  # [B, T, 4H]
+    xs = input_gates(x, w_ih, b_ih, b_hh)
     outs = []
     for t in range(x.size(1)):  # only the recurrent part loops over time
         # [B, 4H]; per stream: [B, 4H, H] @ [B, H, 1], the weight read row-major as it is stored
@@ -122,10 +127,8 @@ class StreamLSTM(torch.autograd.Function):
 def lstm_streams(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
                  b_hh: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """`lstm_manual`'s contract with per-stream weights through `StreamLSTM` (first order)."""
-    B, bias = x.size(0), b_ih + b_hh
-    w_ih = w_ih.expand(B, -1, -1) if w_ih.dim() == 2 else w_ih
-    xs = torch.baddbmm(bias.expand(B, -1)[:, None], x, w_ih.transpose(1, 2))  # [B, T, 4H]
-    out, h, c = StreamLSTM.apply(xs, *state, w_hh.expand(B, -1, -1) if w_hh.dim() == 2 else w_hh)
+    xs = input_gates(x, w_ih, b_ih, b_hh)  # [B, T, 4H]
+    out, h, c = StreamLSTM.apply(xs, *state, w_hh.expand(x.size(0), -1, -1) if w_hh.dim() == 2 else w_hh)
     return out, (h, c)
 
 
