@@ -41,6 +41,9 @@ def check_config(cfg: DictConfig) -> DictConfig:
             if v is None and low == 0:
                 continue  # optional
             require(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{key} must be {what}, got {v!r}")
+    v = OmegaConf.select(cfg, "meta.checkpoint_group", default=0)
+    require(v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+            f"meta.checkpoint_group must be auto or an integer >= 0, got {v!r}")
     v = OmegaConf.select(cfg, "eval.max_drift", default=None)
     require(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
             f"eval.max_drift must be a positive number or null (no bound), got {v!r}")

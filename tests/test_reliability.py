@@ -429,6 +429,15 @@ def test_non_positive_max_drift(value: float, trained: Path, tmp_path: Path, cap
     assert_kept(before, run)
 
 
+def test_bad_checkpoint_group(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = copy_run(trained, tmp_path)
+    before = snapshot(run)
+    cfg = cfg_for(tmp_path, "stage=all", "meta.checkpoint_group=-1")
+    msg = guarded_error(lambda: run_stages(cfg), capsys)
+    assert msg == "error: meta.checkpoint_group must be auto or an integer >= 0, got -1"
+    assert_kept(before, run)
+
+
 def test_unknown_pipeline_stage(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = copy_run(trained, tmp_path)
     before = snapshot(run)
