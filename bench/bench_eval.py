@@ -1,7 +1,7 @@
 """Tokens/s and peak RSS of each evaluate.py method on model=small, against the machine's rooflines.
 
     python bench/bench_eval.py [--tokens 400] [--segments 5] [--streams 1 4 8 16] [--static-embedding]
-                               [--fused] [--threads 2] [--methods static sgd rms meta]
+                               [--fused] [--threads 2] [--methods static sgd rms meta] [--kernel fused]
 
 Random model=small at the WikiText-2 vocabulary (33,278), random tokens, random positive `ms` for the RMS
 rule and the krause_init meta-learner (linear gate, all six features; its cost does not depend on the values).
@@ -37,7 +37,8 @@ GATE = dict(param="krause", hidden=[], activation="tanh", features=["theta", "de
             embed_dim=4, flush=True, lr=5e-5, lamb=0.002, eps=2e-5)
 
 
-def one(method: str, streams: int, segment: int, tokens: int, static_embedding: bool, fused: bool) -> dict:
+def one(method: str, streams: int, segment: int, tokens: int, static_embedding: bool, fused: bool,
+        kernel: str = "fused") -> dict:
     """Run one configuration in this process: tokens/s (per stream-token) and what it touched."""
     from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval
     from dynlm_pl.evaluation import static_losses
@@ -45,7 +46,7 @@ def one(method: str, streams: int, segment: int, tokens: int, static_embedding: 
     from dynlm_pl.models.meta_learner import build_meta_learner
 
     torch.manual_seed(0)
-    model = AWDLSTM(V, **SMALL, kernel="manual" if streams > 1 else "fused").eval().requires_grad_(False)
+    model = AWDLSTM(V, **SMALL, kernel=kernel).eval().requires_grad_(False)
     data = torch.randint(0, V, (streams * tokens + 1,))
 
     ms = {k: torch.rand_like(p) * 1e-6 + 1e-9 for k, p in model.named_parameters()}
@@ -98,6 +99,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["static", "sgd", "rms", "meta"])
     ap.add_argument("--static-embedding", action="store_true")
     ap.add_argument("--fused", action="store_true")
+    ap.add_argument("--kernel", default="fused", choices=["fused", "manual"],
+                    help="model.kernel (B > 1 under fused: StreamLSTM; manual: plain ops)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON, in a subprocess
     a = ap.parse_args()
@@ -111,7 +114,7 @@ def main() -> None:
     fwd = 2 * 4 * H * (E + H) + 2 * 4 * E * (H + E) + 2 * E * V  # layers 400->512 and 512->256 (last = emb)
     print(f"model=small, {a.threads} threads, load average {os.getloadavg()[0]:.1f}; copy {m['copy_gb_s']:.1f} GB/s, "
           f"softmax matmul {m['matmul_gflop_s']:.1f} GFLOP/s; static embedding: {a.static_embedding}, "
-          f"fused gate: {a.fused}\n")
+          f"fused gate: {a.fused}, kernel: {a.kernel}\n")
     print("| method | segment | B | tokens/s | vs static (same B) | vs B=1 | memory roofline | % | matmul roofline | % "
           "| peak RSS (MB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seg in a.segments:
@@ -120,7 +123,7 @@ def main() -> None:
             static = None
             for meth in a.methods:
                 cfg = dict(method=meth, streams=B, segment=seg, tokens=a.tokens, static_embedding=a.static_embedding,
-                           fused=a.fused)
+                           fused=a.fused, kernel=a.kernel)
                 out = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--one", json.dumps(cfg)],
                                      capture_output=True, text=True)
                 if out.returncode:

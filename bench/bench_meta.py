@@ -4,6 +4,12 @@
 Modes: `off` (no checkpointing), `step` (each inner step a checkpoint region), `nested` (groups of
 √(U/2) steps rerun in backward, meta.checkpoint_group=auto).
 
+Ratios: tokens/s against static evaluation (`evaluation.static_losses`, bptt 70) measured in the same
+process, and against a memory roofline of 36 parameter-sized passes per inner step: an evaluation step
+touches 12 (the LM's forward and backward read θ, ∇L is written, the gate reads θ, θ_0, ∇L and five
+per-coordinate constants and writes θ_t), and training does that work about three times (forward,
+recompute, backward), at the copy bandwidth measured in the same process.
+
 model=small (2×512 LSTM, 256-wide tied softmax) at the WikiText-2 vocabulary (33,278 words), random
 init and random tokens (speed and memory do not depend on the values), every parameter dynamic
 (9.6M coordinates), gate=paper without fisher.pt, first order, segment 5, batch 1. Each configuration
@@ -52,6 +58,20 @@ if fused:  # compile outside the timed region: one short unroll (nested: in grou
     loss = m.unroll(torch.randint(0, 33278, (1, 4 * 5 + 1)), 0, *m.initial_state(1))[0]
     loss.backward()
     m.hparams.update(keep)
+from dynlm_pl.evaluation import static_losses
+data = torch.randint(0, 33278, (2001,))
+static_losses(model, data[:141], bptt=70)
+t0 = time.perf_counter()
+static_losses(model, data, bptt=70)
+static_tps = 2000 / (time.perf_counter() - t0)
+x = torch.empty(64 << 20).normal_()
+y = torch.empty_like(x)
+y.copy_(x)
+t0 = time.perf_counter()
+for _ in range(3):
+    y.copy_(x)
+copy_bw = 3 * 2 * x.numel() * 4 / (time.perf_counter() - t0)  # bytes read + written per second
+del x, y
 opt = torch.optim.Adam(m.meta.parameters(), lr=1e-3)
 theta, hidden = m.initial_state(1)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -70,7 +90,7 @@ except (RuntimeError, MemoryError) as e:
 sec = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"status": status, "coords": dyn.spec.numel, "tokens": steps * unroll * 5, "seconds": sec,
-                  "peak_mb": peak / 1024, "base_mb": base / 1024}))
+                  "peak_mb": peak / 1024, "base_mb": base / 1024, "static_tps": static_tps, "copy_bw": copy_bw}))
 """
 
 
@@ -110,20 +130,25 @@ def main() -> None:
           f"({f'MLP {args.hidden}' if args.hidden else 'linear'}{', fused' if args.fused else ''}), "
           f"first order, segment 5, batch 1, {args.steps} meta-step(s) per row, {args.threads} threads, "
           f"address-space cap {args.mem_cap_gb:g} GB\n")
-    print("| unroll | checkpointing | status | tokens/s | s / meta-step | peak RSS (MB) | above set-up (MB) | "
-          "RSS / unroll 10 |")
-    print("|---:|:---:|:---|---:|---:|---:|---:|---:|")
+    print("| unroll | checkpointing | status | tokens/s | vs static eval | memory roofline | % | s / meta-step | "
+          "peak RSS (MB) | above set-up (MB) | RSS / unroll 10 |")
+    print("|---:|:---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|")
     ref = {ck: r["peak_mb"] for u, ck, r in rows if u == 10 and r.get("status") == "ok"}
     for unroll, ck, r in rows:
         name = f"{ck} (group {group_size('auto', unroll)})" if ck == "nested" else ck
         if r.get("status") == "ok":
             ratio = f"{r['peak_mb'] / ref[ck]:.2f}x" if ck in ref else "-"
-            print(f"| {unroll} | {name} | ok | {r['tokens'] / r['seconds']:.1f} | "
+            tps = r["tokens"] / r["seconds"]
+            vs = f"{tps / r['static_tps']:.4f}" if "static_tps" in r else "-"
+            # 36 parameter-sized passes per inner step of 5 tokens (see the module docstring)
+            roof = 5 / (36 * r["coords"] * 4 / r["copy_bw"]) if "copy_bw" in r else None
+            rf = (f"{roof:.1f} | {100 * tps / roof:.0f}%") if roof else "- | -"
+            print(f"| {unroll} | {name} | ok | {tps:.1f} | {vs} | {rf} | "
                   f"{r['seconds'] / args.steps:.1f} | {r['peak_mb']:.0f} | {r['peak_mb'] - r['base_mb']:.0f} | "
                   f"{ratio} |")
         else:
             peak = f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-"
-            print(f"| {unroll} | {name} | {r.get('status')} | - | - | {peak} | - | - |")
+            print(f"| {unroll} | {name} | {r.get('status')} | - | - | - | - | - | {peak} | - | - |")
 
 
 if __name__ == "__main__":
