@@ -330,7 +330,7 @@ def adaptive_eval(model: AWDLSTM, tokens: Tensor, rule: Rule, segment: int = 5, 
 
     Score each segment with θ_{t-1} first, then update; hidden state carried across segments. B = 1 is
     Krause's protocol. B > 1 reads B contiguous pieces of the split in parallel; each stream keeps its own
-    θ [B, P] (the same numbers as B separate batch-1 runs; needs `kernel=manual`), or with `shared=True` one
+    θ [B, P] (the same numbers as B separate batch-1 runs), or with `shared=True` one
     θ [P] for all of them, updated with the gradient of the streams' summed mean losses (the paper's batch
     mode). `reset_at`: token offsets (e.g. article starts, B=1) where θ goes back to θ_0 before the segment
     containing them. `max_drift`: after each update, θ_t − θ_0 is scaled back onto the ball of radius
@@ -367,10 +367,10 @@ def adaptive_eval(model: AWDLSTM, tokens: Tensor, rule: Rule, segment: int = 5, 
             out[:, start : start + t] = losses.detach()
             rule.update_(theta, grad, per_stream.detach() if own else per_stream.detach().mean())
             if radius is not None:
-                dev_ = theta - dyn.theta0  # [B, P] or [P]
-                norm = dev_.norm(dim=-1, keepdim=True)
+                away = theta - dyn.theta0  # [B, P] or [P]
+                norm = away.norm(dim=-1, keepdim=True)
                 if bool((norm > radius).any()):
-                    theta.copy_(dyn.theta0 + dev_ * (radius / norm).clamp(max=1.0))
+                    theta.copy_(dyn.theta0 + away * (radius / norm).clamp(max=1.0))
         if on_segment is not None:
             on_segment(start, theta)
     model.train(was_training)
