@@ -429,21 +429,16 @@ def test_non_positive_max_drift(value: float, trained: Path, tmp_path: Path, cap
     assert_kept(before, run)
 
 
-def test_bad_checkpoint_group(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(("override", "expected"), [
+    ("meta.checkpoint_group=-1", "error: meta.checkpoint_group must be auto or an integer >= 0, got -1"),
+    ("pipeline=[lm,nope]", "error: unknown stage 'nope'; use one of lm, fisher, meta, evaluate, meta_noflush or all")])
+def test_bad_stage_all_setting(override: str, expected: str, trained: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture) -> None:
+    """Refused before any stage of stage=all runs."""
     run = copy_run(trained, tmp_path)
     before = snapshot(run)
-    cfg = cfg_for(tmp_path, "stage=all", "meta.checkpoint_group=-1")
-    msg = guarded_error(lambda: run_stages(cfg), capsys)
-    assert msg == "error: meta.checkpoint_group must be auto or an integer >= 0, got -1"
-    assert_kept(before, run)
-
-
-def test_unknown_pipeline_stage(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    run = copy_run(trained, tmp_path)
-    before = snapshot(run)
-    cfg = cfg_for(tmp_path, "stage=all", "pipeline=[lm,nope]")
-    msg = guarded_error(lambda: run_stages(cfg), capsys)
-    assert msg == "error: unknown stage 'nope'; use one of lm, fisher, meta, evaluate, meta_noflush or all"
+    msg = guarded_error(lambda: run_stages(cfg_for(tmp_path, "stage=all", override)), capsys)
+    assert msg == expected
     assert_kept(before, run)
 
 
