@@ -1,10 +1,12 @@
 """Tokens/s and peak RSS of each evaluate.py method on model=small, against the machine's rooflines.
 
     python bench/bench_eval.py [--tokens 400] [--segments 5] [--streams 1 4 8 16] [--static-embedding]
-                               [--fused] [--threads 2] [--methods static sgd rms meta] [--kernel fused]
+                               [--fused] [--threads 2] [--methods static sgd rms meta meta_noflush] [--kernel fused]
+                               [--profile FILE]
 
 Random model=small at the WikiText-2 vocabulary (33,278), random tokens, random positive `ms` for the RMS
-rule and the krause_init meta-learner (linear gate, all six features; its cost does not depend on the values).
+rule and the krause_init meta-learner (linear gate, all six features; its cost does not depend on the values;
+`meta_noflush`: without FLUSH at λ = 0, the variant tuned on WikiText-2).
 `--streams B`: B streams with their own θ (eval.streams); `--tokens` is per stream. `--static-embedding`: the
 tied embedding/softmax matrix stays static and shared (meta.dynamic.exclude=[encoder.weight]), as in Krause's
 GPT-2 runs. `--fused`: the meta-learner's update as one compiled pass (eval.fused_gate). Each configuration runs
@@ -14,22 +16,27 @@ Rooflines (per token, per configuration):
   memory: bytes of parameter-sized tensors touched per segment / the measured copy bandwidth. Per segment
           each stream's dynamic θ is read by the forward and the backward, ∇L written, and the update reads θ
           and ∇L and writes θ: 6·B·P_dyn floats, plus the static weights read twice (2·P_static), for B·T tokens.
-  matmul: the LM's forward+backward FLOPs (3x the forward's 2·(LSTM + softmax) multiply-adds) / the measured
+  matmul: the LM's forward+backward FLOPs (3x the forward's 2·(LSTM + softmax) multiply-adds; 2x for a static
+          softmax matrix, whose weight gradient is not computed) / the measured
           GFLOP/s of a softmax-shaped matmul.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import torch
+
+from dynlm_pl.common import keep_freed_memory
 
 SMALL = dict(emb_size=256, hidden_size=512, num_layers=2)
 V = 33278
@@ -38,7 +45,7 @@ GATE = dict(param="krause", hidden=[], activation="tanh", features=["theta", "de
 
 
 def one(method: str, streams: int, segment: int, tokens: int, static_embedding: bool, fused: bool,
-        kernel: str = "fused") -> dict:
+        kernel: str = "fused", profile: str | None = None) -> dict:
     """Run one configuration in this process: tokens/s (per stream-token) and what it touched."""
     from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval
     from dynlm_pl.evaluation import static_losses
@@ -57,8 +64,9 @@ def one(method: str, streams: int, segment: int, tokens: int, static_embedding: 
         t0 = time.perf_counter()
         static_losses(model, data, bptt=70, streams=streams)
     else:
-        if method == "meta":
-            meta = build_meta_learner(GATE, len(dyn.spec.names)).eval()
+        if method.startswith("meta"):  # meta_noflush: z ≡ 0 and λ = 0, as tuned on WikiText-2 (f ≡ 1)
+            gate = dict(GATE, flush=False, lamb=0.0) if method == "meta_noflush" else GATE
+            meta = build_meta_learner(gate, len(dyn.spec.names)).eval()
             meta.fused = fused
             rule = GateRule(meta, dyn)
         else:
@@ -67,11 +75,27 @@ def one(method: str, streams: int, segment: int, tokens: int, static_embedding: 
         with torch.no_grad():
             adaptive_eval(model, warm, rule, segment, dyn, batch_size=streams)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), _profiled(profile, f"{method} B={streams} segment {segment}"):
             adaptive_eval(model, data, rule, segment, dyn, batch_size=streams)
     sec = time.perf_counter() - t0
     return {"tokens_per_s": streams * tokens / sec, "p_dyn": dyn.spec.numel, "p_total": total,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+@contextlib.contextmanager
+def _profiled(path: str | None, title: str) -> Iterator[None]:
+    """With `--profile FILE`: torch.profiler over the timed run, its top operators appended to FILE (self CPU time:
+    where the time goes, e.g. the gate pass's one compiled kernel vs the LM's matmuls)."""
+    if path is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+    with open(path, "a") as f:
+        f.write(f"\n### {title}\n\n```\n{table}```\n")
 
 
 def machine() -> dict:
@@ -96,22 +120,26 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=400, help="tokens per stream")
     ap.add_argument("--segments", type=int, nargs="+", default=[5])
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
-    ap.add_argument("--methods", nargs="+", default=["static", "sgd", "rms", "meta"])
+    ap.add_argument("--methods", nargs="+", default=["static", "sgd", "rms", "meta"],
+                    choices=["static", "sgd", "rms", "meta", "meta_noflush"])
     ap.add_argument("--static-embedding", action="store_true")
     ap.add_argument("--fused", action="store_true")
     ap.add_argument("--kernel", default="fused", choices=["fused", "manual"],
                     help="model.kernel (B > 1 under fused: StreamLSTM; manual: plain ops)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--profile", metavar="FILE", help="also profile each timed run, top operators appended to FILE")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON, in a subprocess
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    keep_freed_memory()  # as train.py/evaluate.py do (DYNLM_MALLOC_KEEP=0: glibc's default)
     if a.one:
         print(json.dumps(one(**json.loads(a.one))))
         return
     m = machine()
     # LM FLOPs per token (forward): 2·4H(I+H) per layer + 2·E·V softmax; training-like backward = 2x more
     E, H = SMALL["emb_size"], SMALL["hidden_size"]
-    fwd = 2 * 4 * H * (E + H) + 2 * 4 * E * (H + E) + 2 * E * V  # layers 400->512 and 512->256 (last = emb)
+    lstm, softmax = 2 * 4 * H * (E + H) + 2 * 4 * E * (H + E), 2 * E * V  # layers E->H and H->E (last = emb)
+    fwd = lstm + softmax
     print(f"model=small, {a.threads} threads, load average {os.getloadavg()[0]:.1f}; copy {m['copy_gb_s']:.1f} GB/s, "
           f"softmax matmul {m['matmul_gflop_s']:.1f} GFLOP/s; static embedding: {a.static_embedding}, "
           f"fused gate: {a.fused}, kernel: {a.kernel}\n")
@@ -123,7 +151,7 @@ def main() -> None:
             static = None
             for meth in a.methods:
                 cfg = dict(method=meth, streams=B, segment=seg, tokens=a.tokens, static_embedding=a.static_embedding,
-                           fused=a.fused, kernel=a.kernel)
+                           fused=a.fused, kernel=a.kernel, profile=a.profile)
                 out = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--one", json.dumps(cfg)],
                                      capture_output=True, text=True)
                 if out.returncode:
@@ -139,7 +167,7 @@ def main() -> None:
                 else:
                     touched = (6 * B * r["p_dyn"] + 2 * (r["p_total"] - r["p_dyn"])) * 4
                     mem = seg * B / (touched / (m["copy_gb_s"] * 1e9))
-                    mm = m["matmul_gflop_s"] * 1e9 / (3 * fwd)
+                    mm = m["matmul_gflop_s"] * 1e9 / (3 * lstm + (2 if a.static_embedding else 3) * softmax)
                 vs = f"{tps / static:.3f}" if static else "-"
                 print(f"| {meth} | {seg} | {B} | {tps:,.1f} | {vs} | {tps / base[meth]:.2f} | {mem:,.0f} | "
                       f"{100 * tps / mem:.0f}% | {mm:,.0f} | {100 * tps / mm:.0f}% | {r['rss_mb']:,.0f} |", flush=True)

@@ -14,8 +14,9 @@ model=small (2×512 LSTM, 256-wide tied softmax) at the WikiText-2 vocabulary (3
 init and random tokens (speed and memory do not depend on the values), every parameter dynamic
 (9.6M coordinates), gate=paper without fisher.pt, first order, segment 5, batch 1. Each configuration
 runs in a fresh process (peak RSS is a high-water mark), with glibc's mmap threshold fixed so freed
-tensors go back to the OS and RSS follows live memory, and an address-space cap so that a run that
-would not fit fails fast instead of swapping the machine. Prints a markdown table.
+tensors go back to the OS and RSS follows live memory (`--keep-freed`: glibc as train.py sets it, which keeps
+freed memory for reuse), and an address-space cap so that a run that would not fit fails fast instead of
+swapping the machine. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dynlm_pl.systems.meta import group_size
 CHILD = r"""
 import json, resource, sys, time, torch
 from omegaconf import OmegaConf
+from dynlm_pl.common import keep_freed_memory
 from dynlm_pl.dynamic import DynamicWeights
 from dynlm_pl.models.awd_lstm import AWDLSTM
 from dynlm_pl.systems.meta import MetaTrainModule
@@ -41,6 +43,8 @@ unroll, mode, steps, threads, cap, hidden = int(sys.argv[1]), sys.argv[2], *map(
 fused, ck = sys.argv[7] == "1", mode != "off"
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 torch.set_num_threads(threads)
+if sys.argv[8] == "1":
+    keep_freed_memory()  # --keep-freed: the allocator as train.py sets it (peak RSS then includes what it keeps)
 torch.manual_seed(0)
 mcfg = OmegaConf.load("conf/model/small.yaml")
 kw = {k: v for k, v in OmegaConf.to_container(mcfg).items() if not k.startswith("_")}
@@ -103,9 +107,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=16, help="gate hidden width (0: linear)")
     ap.add_argument("--fused", action="store_true", help="meta.fused_gate: the compiled update")
     ap.add_argument("--modes", nargs="+", default=["nested", "step", "off"], choices=["nested", "step", "off"])
+    ap.add_argument("--keep-freed", action="store_true",
+                    help="glibc as train.py sets it (dynlm_pl.common.keep_freed_memory) instead of RSS = live memory")
     args = ap.parse_args()
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ} if args.keep_freed else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     rows: list[tuple[int, str, dict]] = []
     oom_at: dict[str, int] = {}
     for unroll in args.unrolls:
@@ -116,7 +122,7 @@ def main() -> None:
             t = time.time()
             out = subprocess.run([sys.executable, "-c", CHILD, str(unroll), ck, str(args.steps),
                                   str(args.threads), str(int(args.mem_cap_gb * 2**30)), str(args.hidden),
-                                  "1" if args.fused else "0"],
+                                  "1" if args.fused else "0", "1" if args.keep_freed else "0"],
                                  capture_output=True, text=True, cwd=repo, env=env)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
             r = json.loads(lines[-1]) if lines else {"status": f"crashed (rc {out.returncode})"}
@@ -129,7 +135,8 @@ def main() -> None:
     print(f"\nmeta-training, model=small, V=33,278, {coords:,} dynamic coordinates, gate=paper "
           f"({f'MLP {args.hidden}' if args.hidden else 'linear'}{', fused' if args.fused else ''}), "
           f"first order, segment 5, batch 1, {args.steps} meta-step(s) per row, {args.threads} threads, "
-          f"address-space cap {args.mem_cap_gb:g} GB\n")
+          f"address-space cap {args.mem_cap_gb:g} GB, allocator: "
+          f"{'keep_freed_memory (as train.py)' if args.keep_freed else 'RSS = live memory'}\n")
     print("| unroll | checkpointing | status | tokens/s | vs static eval | memory roofline | % | s / meta-step | "
           "peak RSS (MB) | above set-up (MB) | RSS / unroll 10 |")
     print("|---:|:---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|")

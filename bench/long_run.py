@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import torch
 from hydra import compose, initialize_config_dir
 
-from dynlm_pl.common import file_sha256, make_datamodule
+from dynlm_pl.common import file_sha256, keep_freed_memory, make_datamodule
 from dynlm_pl.dynamic import DynamicWeights, RMSRule, adaptive_eval
 from dynlm_pl.evaluation import _load_fisher, _meta_rule
 from dynlm_pl.systems.lm import load_lm
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true", help="the meta-learner as one compiled pass (eval.fused_gate)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    keep_freed_memory()  # as train.py/evaluate.py do (DYNLM_MALLOC_KEEP=0: glibc's default)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=[f"experiment={a.experiment}"])
     max_drift = cfg.eval.get("max_drift") if a.max_drift is None else (a.max_drift or None)

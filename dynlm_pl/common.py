@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from dynlm_pl.data import WikiText2DataModule
 from dynlm_pl.errors import DynlmError, require
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS (Linux; a no-op elsewhere).
+
+    Why: glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh mmap and unmaps it on
+    free, so each parameter-sized temporary of model=small (θ is 43.6 MB: the flat gradient's cat, θ − θ_0, the
+    dense embedding gradient) page-faults all its pages in again, every segment: a 43.6 MB cat costs 23 ms
+    instead of 3 (bench/bench_eval.py, `DYNLM_MALLOC_KEEP=0` for the old behaviour). The cost: RSS stays at its
+    peak once reached. Called by train.py and evaluate.py (`main_guard`) and the benches; returns whether set.
+    """
+    if os.environ.get("DYNLM_MALLOC_KEEP", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+        # no mmap'd chunks (all from the heap), and never trim the heap's top back to the OS
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
 
 # What `from_run=<other run>` brings into this run's directory: the pretrained LM and its Fisher pass.
 FROM_RUN_ARTIFACTS = ("lm.ckpt", "fisher.pt")

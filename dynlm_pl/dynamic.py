@@ -130,7 +130,7 @@ def token_losses(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def score(model: AWDLSTM, spec: DynamicSpec, theta: Tensor, x: Tensor, y: Tensor,
-          hidden: Hidden) -> tuple[Tensor, Hidden]:
+          hidden: Hidden, sparse_grad: bool = False) -> tuple[Tensor, Hidden]:
     """Per-token losses [B, T] of segment x -> y [B, T] under θ, and the hidden state after it.
 
     theta [P]: one set of weights for all B rows. theta [B, P]: row b has its own weights (streams
@@ -140,13 +140,13 @@ def score(model: AWDLSTM, spec: DynamicSpec, theta: Tensor, x: Tensor, y: Tensor
     if x.is_cuda and model.kernel == "fused":
         # cuDNN's LSTM refuses backward in eval mode and has no double backward: use ATen's kernel.
         with torch.backends.cudnn.flags(enabled=False):
-            return _score(model, spec, theta, x, y, hidden)
-    return _score(model, spec, theta, x, y, hidden)
+            return _score(model, spec, theta, x, y, hidden, sparse_grad)
+    return _score(model, spec, theta, x, y, hidden, sparse_grad)
 
 
 def _score(model: AWDLSTM, spec: DynamicSpec, theta: Tensor, x: Tensor, y: Tensor,
-           hidden: Hidden) -> tuple[Tensor, Hidden]:
-    out = functional_call(model, spec.unflatten(theta), (x, hidden))
+           hidden: Hidden, sparse_grad: bool) -> tuple[Tensor, Hidden]:
+    out = functional_call(model, spec.unflatten(theta), (x, hidden), {"sparse_grad": sparse_grad})
     return token_losses(out.logits, y), out.hidden
 
 
@@ -242,21 +242,23 @@ class GateRule(Rule):
             return self.combine(theta, grad, *self.gates(theta, grad, loss, self.dyn))
 
     def update_(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
-        self.apply_(theta, grad, loss)
+        self.apply_(theta, grad, loss, stats=False)  # nobody reads the gate means here: skip their sums
         return theta
 
-    def apply_(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor | None:
+    def apply_(self, theta: Tensor, grad: Tensor, loss: Tensor, stats: bool = True) -> Tensor | None:
         """In place; returns the per-tensor mean gates [3, n_tensors] (averaged over streams) when the gate
-        module updates in place itself (`MetaLearner.apply_`: chunked or compiled, stream by stream)."""
+        module updates in place itself (`MetaLearner.apply_`: chunked or compiled, stream by stream), unless
+        `stats=False` lets the compiled pass skip them (then None)."""
         if not hasattr(self.gates, "apply_"):
             theta.copy_(self.update(theta, grad, loss))
             return None
         with torch.autocast(theta.device.type, enabled=False):
             if theta.dim() == 1:
-                return self.gates.apply_(theta, grad, loss, self.dyn)
+                return self.gates.apply_(theta, grad, loss, self.dyn, stats=stats)
             # B streams [B, P]: row by row (each a view of θ, updated in place with its own loss)
-            return torch.stack([self.gates.apply_(theta[b], grad[b], loss[b], self.dyn)
-                                for b in range(theta.size(0))]).mean(0)
+            means = [self.gates.apply_(theta[b], grad[b], loss[b], self.dyn, stats=stats)
+                     for b in range(theta.size(0))]
+            return None if means[0] is None else torch.stack(means).mean(0)
 
     def combine(self, theta: Tensor, grad: Tensor, f: Tensor, i: Tensor, z: Tensor | None) -> Tensor:
         new = torch.addcmul(f * theta, i, grad)
@@ -359,7 +361,7 @@ def adaptive_eval(model: AWDLSTM, tokens: Tensor, rule: Rule, segment: int = 5, 
             r += 1
         x, y = streams[:, start : start + t], streams[:, start + 1 : start + 1 + t]
         with torch.enable_grad():
-            losses, hidden = score(model, dyn.spec, theta, x, y, hidden)
+            losses, hidden = score(model, dyn.spec, theta, x, y, hidden, sparse_grad=True)  # first order only
             per_stream = losses.mean(1)
             (grad,) = torch.autograd.grad(per_stream.sum(), theta)
         hidden = [(h.detach(), c.detach()) for h, c in hidden]

@@ -93,7 +93,10 @@ def _barrier() -> None:
 
 
 def main_guard(fn: Callable[[], Any]) -> Any:
-    """Turn a DynlmError into one line on stderr and exit status 2."""
+    """Turn a DynlmError into one line on stderr and exit status 2 (and tune the allocator: `keep_freed_memory`)."""
+    from dynlm_pl.common import keep_freed_memory  # torch, lightning: not for `cli`'s fast error paths
+
+    keep_freed_memory()
     try:
         return fn()
     except DynlmError as e:

@@ -27,6 +27,7 @@ from dynlm_pl.dynamic import (
     inner_step,
     select_dynamic,
 )
+from dynlm_pl.evaluation import RecordingGateRule
 from dynlm_pl.fisher import FisherArtifact
 from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
 from dynlm_pl.models.meta_learner import MetaLearner
@@ -384,18 +385,21 @@ def test_chunked_in_place_update_equals_the_differentiable_one(param: str) -> No
     _, i, _ = meta(theta, grad, loss, dyn)
     assert torch.allclose(means[1], torch.stack([t.mean() for t in i.split(dyn.spec.sizes)]), atol=1e-6)
     th2 = theta.clone()
-    assert rule.update_(th2, grad, loss) is th2 and torch.equal(th2, got)  # what adaptive_eval calls
+    # what adaptive_eval calls (default chunks: a vector lane's σ and the scalar tail's round differently)
+    assert rule.update_(th2, grad, loss) is th2 and torch.allclose(th2, got, atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize(("param", "hidden"), [("krause", []), ("paper", [8])])
+@pytest.mark.parametrize(("param", "hidden", "flush", "lamb"),
+                         [("krause", [], True, 0.01), ("paper", [8], True, 0.01), ("krause", [], False, 0.0)])
 def test_fused_compiled_update_equals_the_chunked_one(stream: tuple[Tensor, int], param: str,
-                                                     hidden: list[int]) -> None:
-    """eval.fused_gate: the coordinate-wise network under torch.compile == the matmul network, chunked."""
+                                                     hidden: list[int], flush: bool, lamb: float) -> None:
+    """eval.fused_gate: the coordinate-wise network under torch.compile == the matmul network, chunked (also
+    meta_noflush at the tuned λ = 0, where f ≡ 1 and the compiled pass drops o_f)."""
     _, vocab = stream
     model = tiny_lm(vocab)
     dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
     meta = MetaLearner(len(dyn.spec.names), hidden=hidden, features=["theta", "delta", "grad", "loss", "fisher", "rms"],
-                       param=param, embed_dim=3, lr=0.1, lamb=0.01)
+                       param=param, embed_dim=3, lr=0.1, lamb=lamb, flush=flush)
     with torch.no_grad():  # away from the initial (constant) output, so every feature and weight matters
         meta.out.weight.normal_(0, 0.3)
         meta.embed_proj.weight.normal_(0, 0.3)
@@ -410,6 +414,28 @@ def test_fused_compiled_update_equals_the_chunked_one(stream: tuple[Tensor, int]
     assert (eager - theta).abs().max() > 1e-4  # the update did something
     assert torch.allclose(fused, eager, atol=1e-6, rtol=1e-5)
     assert torch.allclose(means_fused, means_eager, atol=1e-6, rtol=1e-5)
+    nostats = theta.clone()  # the second compiled graph, which skips the gate sums: the same θ_t, no means
+    assert meta.apply_(nostats, grad, loss, dyn, stats=False) is None
+    assert torch.allclose(nostats, fused, atol=1e-7, rtol=1e-6)
+
+
+def test_recording_rule_keeps_the_gate_means_every_few_segments() -> None:
+    """evaluate.py's RecordingGateRule: means at segments 0, every, 2·every, ... (the fused pass skips the sums
+    in between), and θ updated at every segment all the same."""
+    model = tiny_lm(50)
+    dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    meta = MetaLearner(len(dyn.spec.names), hidden=[], features=["theta", "grad", "loss", "rms"], param="krause",
+                       lr=0.1)
+    meta.fused = True
+    rule, plain = RecordingGateRule(meta, dyn, every=3), GateRule(meta, dyn)
+    theta, ref = dyn.theta0.clone(), dyn.theta0.clone()
+    g = torch.Generator().manual_seed(2)
+    for _ in range(7):
+        grad = 1e-2 * torch.randn(theta.shape, generator=g)
+        rule.update_(theta, grad, torch.tensor(4.0))
+        plain.update_(ref, grad, torch.tensor(4.0))
+    assert len(rule.history) == 3 and rule.history[0].shape == (3, len(dyn.spec.names))  # segments 0, 3, 6
+    assert torch.allclose(theta, ref, atol=1e-7, rtol=1e-6) and not torch.equal(theta, dyn.theta0)
 
 
 @pytest.mark.parametrize("order", [1, 2])

@@ -348,3 +348,17 @@ def test_max_drift_keeps_theta_on_the_trust_region(synthetic_corpus_session, str
     assert not torch.allclose(free, capped)  # the bound acted
     wide, _ = run(1e3)
     assert torch.equal(wide, free)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keep_freed_memory_sets_glibc_and_can_be_turned_off() -> None:
+    """train.py/evaluate.py make glibc reuse freed parameter-sized buffers (`keep_freed_memory`); after it, a
+    freed 64 MB buffer comes back from the heap (same address) instead of a fresh mmap. DYNLM_MALLOC_KEEP=0: off."""
+    code = ("import ctypes, sys; from dynlm_pl.common import keep_freed_memory; ok = keep_freed_memory(); "
+            "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p; "
+            "libc.free.argtypes = [ctypes.c_void_p]; a = libc.malloc(64 << 20); libc.free(a); "
+            "b = libc.malloc(64 << 20); print(ok, a == b)")
+    run = lambda env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                     env={**os.environ, **env}).stdout.split()
+    assert run({}) == ["True", "True"]
+    assert run({"DYNLM_MALLOC_KEEP": "0"})[0] == "False"

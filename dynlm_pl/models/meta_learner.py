@@ -61,8 +61,14 @@ def log_sign(x: Tensor, p: float = 10.0) -> tuple[Tensor, Tensor]:
 
 
 def soft_clamp(x: Tensor, c: float) -> Tensor:
-    """c·tanh(x/c): identity near 0 (exactly 0 at 0), bounded by ±c."""
-    return c * torch.tanh(x / c) if c > 0 else x
+    """c·tanh(x/c): identity near 0 (exactly 0 at 0), bounded by ±c.
+
+    Written as c·(2σ(2x/c) − 1), the same function: a vectorized tanh costs ~7x an exp on a CPU (Sleef, 1.8 vs
+    0.25 ns per coordinate), and the fused gate pass, which takes three of them per coordinate, is compute-bound
+    (bench/bench_gate.py). σ(0) = 1/2 exactly, so 0 still maps to 0; the error elsewhere is an ulp of 1/2
+    (3e-8·c absolute), and the gradient 4σ(1 − σ) is as stable as tanh's.
+    """
+    return c * (2.0 * torch.sigmoid(x * (2.0 / c)) - 1.0) if c > 0 else x
 
 
 class MetaLearner(nn.Module):
@@ -188,7 +194,9 @@ class MetaLearner(nn.Module):
         a, d, d0 = ctx["a"], ctx["d"], ctx["d0"]
         i = a * torch.exp(o_i)
         if not self.flush:
-            return 1.0 + self.lamb * o_f, i, None
+            # λ = 0 (what tuning picks on WikiText-2): f ≡ 1 exactly (o_f is soft-clamped, finite), and saying
+            # so lets the compiled pass drop o_f's row of the network and its σ, a third of the gate's cost
+            return (torch.ones_like(o_f) if self.lamb == 0 else 1.0 + self.lamb * o_f), i, None
         # clamp passes gradient at its bounds (inclusive mask): D stays learnable at 0
         f = 1.0 - torch.addcmul(-d0, d + d0, torch.exp(o_f)).clamp(0.0, 1.0)
         z = torch.addcmul(-d0, d + d0, torch.exp(o_z)).clamp(0.0, 1.0)
@@ -216,16 +224,17 @@ class MetaLearner(nn.Module):
         return f, i, z
 
     @torch.no_grad()
-    def apply_(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any, chunk: int = 1 << 15) -> Tensor:
+    def apply_(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any, chunk: int = 1 << 15,
+               stats: bool = True) -> Tensor | None:
         """θ ← f⊙θ + i⊙∇L + z⊙θ_0 IN PLACE, chunk by chunk (evaluation; θ [P]); returns the per-tensor
-        mean gates [3, n_tensors].
+        mean gates [3, n_tensors] (the compiled pass: None with `stats=False`, which skips their sums).
 
         Why: run over all P coordinates at once, the MLP writes [P, k] features and two [P, H]
         activations to memory and reads them back (for P = 10.9M and H = 16, > 1 GB per update); a
         chunk of 32k coordinates keeps them in cache, so the update costs the MLP's arithmetic only.
         """
         if self.fused:
-            return self.fused_apply_(theta, grad, loss, dyn)
+            return self.fused_apply_(theta, grad, loss, dyn, stats)
         ctx = self._context(dyn)
         bias = self._bias1()
         sums = theta.new_zeros(3, len(dyn.spec.sizes))
@@ -307,22 +316,36 @@ class MetaLearner(nn.Module):
         theta.copy_(new)
         return sums
 
+    def _fused_update_nostats_(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor,
+                               ctx: dict[str, Tensor], bias1: Tensor) -> None:
+        """`_fused_update_` without the gate sums. Why a second graph: inductor fuses one of the three sums into
+        the update's loop but writes f and i out and re-reads them for the other two, 4 extra passes over θ's
+        size that cost a third of the update at P = 10.9M (bench/bench_gate.py)."""
+        o_f, o_i, o_z = self.mlp_pointwise(self.feature_columns(theta, grad, loss, theta0, ctx), bias1)
+        f, i, z = self.to_gates(o_f, o_i, o_z, ctx)
+        new = f * theta + i * grad
+        theta.copy_(new if z is None else new + z * theta0)
+
     @torch.no_grad()
-    def fused_apply_(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any) -> Tensor:
+    def fused_apply_(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any, stats: bool = True) -> Tensor | None:
         """`apply_` as one compiled pass per dynamic tensor (θ [P]); the same numbers to float rounding.
 
         Compiled once with a symbolic length (dynamic=True), so every tensor of every model reuses it; the
-        first call compiles (seconds to tens of seconds on a CPU).
+        first call compiles (seconds to tens of seconds on a CPU). `stats=False`: no gate means (None).
         """
         ctx = self._context(dyn)
         bias = self._bias1()
-        if getattr(self, "_compiled", None) is None:
-            self._compiled = _compile(self._fused_update_)
+        name = "_compiled" if stats else "_compiled_nostats"
+        if getattr(self, name, None) is None:
+            setattr(self, name, _compile(self._fused_update_ if stats else self._fused_update_nostats_))
+        step = getattr(self, name)
         loss = loss.reshape(()).to(theta.dtype)
-        sums = torch.stack([
-            self._compiled(theta[s : s + n], grad[s : s + n], loss, dyn.theta0[s : s + n],
-                           {key: v[s : s + n] for key, v in ctx.items()}, bias if self.embed is None else bias[k])
-            for k, (s, n) in enumerate(_offsets(dyn.spec.sizes))], dim=1)
+        out = [step(theta[s : s + n], grad[s : s + n], loss, dyn.theta0[s : s + n],
+                    {key: v[s : s + n] for key, v in ctx.items()}, bias if self.embed is None else bias[k])
+               for k, (s, n) in enumerate(_offsets(dyn.spec.sizes))]
+        if not stats:
+            return None
+        sums = torch.stack(out, dim=1)
         means = sums / torch.tensor(dyn.spec.sizes, dtype=sums.dtype, device=sums.device)
         self.last_gates = {"f": means[0].mean(), "i": means[1].mean(), "z": means[2].mean()}
         return means
