@@ -26,9 +26,9 @@ def keep_freed_memory() -> bool:
 
     Why: glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh mmap and unmaps it on
     free, so each parameter-sized temporary of model=small (θ is 43.6 MB: the flat gradient's cat, θ − θ_0, the
-    dense embedding gradient) page-faults all its pages in again, every segment: a 43.6 MB cat costs 23 ms
-    instead of 3 (bench/bench_eval.py, `DYNLM_MALLOC_KEEP=0` for the old behaviour). The cost: RSS stays at its
-    peak once reached. Called by train.py and evaluate.py (`main_guard`) and the benches; returns whether set.
+    dense embedding gradient) page-faults all its pages in again, every segment (bench/results/
+    bench_eval_profile.md; `DYNLM_MALLOC_KEEP=0` for glibc's default). The cost: RSS stays at its peak once
+    reached. Called by train.py and evaluate.py (`main_guard`) and the benches; returns whether set.
     """
     if os.environ.get("DYNLM_MALLOC_KEEP", "1") == "0" or not sys.platform.startswith("linux"):
         return False

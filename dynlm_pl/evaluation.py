@@ -78,7 +78,7 @@ def static_losses(model: AWDLSTM, tokens: Tensor, bptt: int = 70, progress: bool
 class RecordingGateRule(GateRule):
     """GateRule that also keeps, every `every` segments, the mean f, i, z of each dynamic tensor [n_tensors].
 
-    Why not every segment: under eval.fused_gate the sums cost a third of the update (`MetaLearner.fused_apply_`);
+    Why not every segment: under eval.fused_gate the sums cost ~30% of the update (`MetaLearner.fused_apply_`);
     the gate plot needs far fewer points than there are segments (thousands per split).
     """
 

@@ -195,7 +195,7 @@ class MetaLearner(nn.Module):
         i = a * torch.exp(o_i)
         if not self.flush:
             # λ = 0 (what tuning picks on WikiText-2): f ≡ 1 exactly (o_f is soft-clamped, finite), and saying
-            # so lets the compiled pass drop o_f's row of the network and its σ, a third of the gate's cost
+            # so lets the compiled pass drop o_f's row of the network and its σ
             return (torch.ones_like(o_f) if self.lamb == 0 else 1.0 + self.lamb * o_f), i, None
         # clamp passes gradient at its bounds (inclusive mask): D stays learnable at 0
         f = 1.0 - torch.addcmul(-d0, d + d0, torch.exp(o_f)).clamp(0.0, 1.0)
@@ -282,14 +282,19 @@ class MetaLearner(nn.Module):
             h = [self.act(v) for v in affine(layer.weight, layer.bias, h)]
         return affine(self.out.weight, self.out.bias, h)
 
-    def _fused_new(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
-                   bias1: Tensor) -> Tensor:
-        """θ_t of one tensor's coordinates [n], differentiable (the compiled training update), and the gate
-        sums [3] (for logging)."""
+    def _fused_gated(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
+                     bias1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """θ_t of one tensor's coordinates [n] and its gates (f, i, z), as the compiled passes trace them."""
         o_f, o_i, o_z = self.mlp_pointwise(self.feature_columns(theta, grad, loss, theta0, ctx), bias1)
         f, i, z = self.to_gates(o_f, o_i, o_z, ctx)
         new = f * theta + i * grad
-        new = new if z is None else new + z * theta0
+        return (new if z is None else new + z * theta0), f, i, z
+
+    def _fused_new(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
+                   bias1: Tensor) -> tuple[Tensor, Tensor]:
+        """θ_t of one tensor's coordinates [n], differentiable (the compiled training update), and the gate
+        sums [3] (for logging)."""
+        new, f, i, z = self._fused_gated(theta, grad, loss, theta0, ctx, bias1)
         return new, torch.stack([f.sum(), i.sum(), z.sum() if z is not None else f.new_zeros(())]).detach()
 
     def fused_update(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any) -> Tensor:
@@ -320,11 +325,8 @@ class MetaLearner(nn.Module):
                                ctx: dict[str, Tensor], bias1: Tensor) -> None:
         """`_fused_update_` without the gate sums. Why a second graph: inductor fuses one of the three sums into
         the update's loop but writes f and i out and re-reads them for the other two, 4 extra passes over θ's
-        size that cost a third of the update at P = 10.9M (bench/bench_gate.py)."""
-        o_f, o_i, o_z = self.mlp_pointwise(self.feature_columns(theta, grad, loss, theta0, ctx), bias1)
-        f, i, z = self.to_gates(o_f, o_i, o_z, ctx)
-        new = f * theta + i * grad
-        theta.copy_(new if z is None else new + z * theta0)
+        size (~30% of the pass at P = 10.9M in a timing of the two graphs on the dev box)."""
+        theta.copy_(self._fused_gated(theta, grad, loss, theta0, ctx, bias1)[0])
 
     @torch.no_grad()
     def fused_apply_(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any, stats: bool = True) -> Tensor | None:
