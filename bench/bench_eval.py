@@ -2,11 +2,12 @@
 
     python bench/bench_eval.py [--tokens 400] [--segments 5] [--streams 1 4 8 16] [--static-embedding]
                                [--fused] [--threads 2] [--methods static sgd rms meta meta_noflush] [--kernel fused]
-                               [--profile FILE]
+                               [--profile FILE] [--gate krause_init|krause_fast]
 
 Random model=small at the WikiText-2 vocabulary (33,278), random tokens, random positive `ms` for the RMS
 rule and the krause_init meta-learner (linear gate, all six features; its cost does not depend on the values;
-`meta_noflush`: without FLUSH at λ = 0, the variant tuned on WikiText-2).
+`meta_noflush`: without FLUSH at λ = 0, the variant tuned on WikiText-2; `--gate krause_fast`: the
+transcendental-free form, conf/gate/krause_fast.yaml).
 `--streams B`: B streams with their own θ (eval.streams); `--tokens` is per stream. `--static-embedding`: the
 tied embedding/softmax matrix stays static and shared (meta.dynamic.exclude=[encoder.weight]), as in Krause's
 GPT-2 runs. `--fused`: the meta-learner's update as one compiled pass (eval.fused_gate). Each configuration runs
@@ -42,10 +43,13 @@ SMALL = dict(emb_size=256, hidden_size=512, num_layers=2)
 V = 33278
 GATE = dict(param="krause", hidden=[], activation="tanh", features=["theta", "delta", "grad", "loss", "fisher", "rms"],
             embed_dim=4, flush=True, lr=5e-5, lamb=0.002, eps=2e-5)
+GATES = {"krause_init": GATE,  # conf/gate/*.yaml, as the WikiText-2 runs use them
+         "krause_fast": dict(GATE, param="rational", features=["theta", "dnorm", "gnorm", "loss", "fisher", "rms"],
+                             clamp=20.0)}
 
 
 def one(method: str, streams: int, segment: int, tokens: int, static_embedding: bool, fused: bool,
-        kernel: str = "fused", profile: str | None = None) -> dict:
+        kernel: str = "fused", profile: str | None = None, gate: str = "krause_init") -> dict:
     """Run one configuration in this process: tokens/s (per stream-token) and what it touched."""
     from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval
     from dynlm_pl.evaluation import static_losses
@@ -65,8 +69,9 @@ def one(method: str, streams: int, segment: int, tokens: int, static_embedding: 
         static_losses(model, data, bptt=70, streams=streams)
     else:
         if method.startswith("meta"):  # meta_noflush: z ≡ 0 and λ = 0, as tuned on WikiText-2 (f ≡ 1)
-            gate = dict(GATE, flush=False, lamb=0.0) if method == "meta_noflush" else GATE
-            meta = build_meta_learner(gate, len(dyn.spec.names)).eval()
+            g = GATES[gate]
+            meta = build_meta_learner(dict(g, flush=False, lamb=0.0) if method == "meta_noflush" else g,
+                                      len(dyn.spec.names)).eval()
             meta.fused = fused
             rule = GateRule(meta, dyn)
         else:
@@ -128,6 +133,8 @@ def main() -> None:
                     help="model.kernel (B > 1 under fused: StreamLSTM; manual: plain ops)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--profile", metavar="FILE", help="also profile each timed run, top operators appended to FILE")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per configuration, the fastest kept (noisy machines)")
+    ap.add_argument("--gate", default="krause_init", choices=list(GATES), help="the meta-learner meta/meta_noflush use")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON, in a subprocess
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -142,24 +149,26 @@ def main() -> None:
     fwd = lstm + softmax
     print(f"model=small, {a.threads} threads, load average {os.getloadavg()[0]:.1f}; copy {m['copy_gb_s']:.1f} GB/s, "
           f"softmax matmul {m['matmul_gflop_s']:.1f} GFLOP/s; static embedding: {a.static_embedding}, "
-          f"fused gate: {a.fused}, kernel: {a.kernel}\n")
-    print("| method | segment | B | tokens/s | vs static (same B) | vs B=1 | memory roofline | % | matmul roofline | % "
-          "| peak RSS (MB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"fused gate: {a.fused}, gate: {a.gate}, kernel: {a.kernel}; best of {a.repeat} run(s) per row\n")
+    print("| method | segment | B | tokens/s | vs static (same B) | cost vs sgd (same B) | vs B=1 | memory roofline "
+          "| % | matmul roofline | % | peak RSS (MB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seg in a.segments:
         base: dict[str, float] = {}
         for B in a.streams:
-            static = None
+            static = sgd = None
             for meth in a.methods:
                 cfg = dict(method=meth, streams=B, segment=seg, tokens=a.tokens, static_embedding=a.static_embedding,
-                           fused=a.fused, kernel=a.kernel, profile=a.profile)
-                out = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--one", json.dumps(cfg)],
-                                     capture_output=True, text=True)
-                if out.returncode:
-                    print(f"| {meth} | {seg} | {B} | failed: {out.stderr.strip().splitlines()[-1]} |", flush=True)
+                           fused=a.fused, kernel=a.kernel, profile=a.profile, gate=a.gate)
+                cmd = [sys.executable, __file__, "--threads", str(a.threads), "--one", json.dumps(cfg)]
+                runs = [subprocess.run(cmd, capture_output=True, text=True) for _ in range(a.repeat)]
+                if any(o.returncode for o in runs):
+                    err = next(o for o in runs if o.returncode).stderr.strip().splitlines()[-1]
+                    print(f"| {meth} | {seg} | {B} | failed: {err} |", flush=True)
                     continue
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+                r = max((json.loads(o.stdout.strip().splitlines()[-1]) for o in runs), key=lambda r: r["tokens_per_s"])
                 tps = r["tokens_per_s"]
                 static = tps if meth == "static" else static
+                sgd = tps if meth == "sgd" else sgd
                 base.setdefault(meth, tps)
                 if meth == "static":  # one pass over the weights per 70-token window of B streams
                     mem = 70 * B / (r["p_total"] * 4 / (m["copy_gb_s"] * 1e9))
@@ -169,7 +178,8 @@ def main() -> None:
                     mem = seg * B / (touched / (m["copy_gb_s"] * 1e9))
                     mm = m["matmul_gflop_s"] * 1e9 / (3 * lstm + (2 if a.static_embedding else 3) * softmax)
                 vs = f"{tps / static:.3f}" if static else "-"
-                print(f"| {meth} | {seg} | {B} | {tps:,.1f} | {vs} | {tps / base[meth]:.2f} | {mem:,.0f} | "
+                cost = f"{sgd / tps:.2f}x" if sgd and meth != "static" else "-"  # time per token / sgd's
+                print(f"| {meth} | {seg} | {B} | {tps:,.1f} | {vs} | {cost} | {tps / base[meth]:.2f} | {mem:,.0f} | "
                       f"{100 * tps / mem:.0f}% | {mm:,.0f} | {100 * tps / mm:.0f}% | {r['rss_mb']:,.0f} |", flush=True)
 
 

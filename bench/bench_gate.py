@@ -11,16 +11,20 @@ Random θ, ∇L and RMS (the cost does not depend on the values). Writes bench/r
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from dynlm_pl.common import keep_freed_memory
 from dynlm_pl.dynamic import DynamicWeights, GateRule
 from dynlm_pl.models import AWDLSTM
 from dynlm_pl.models.meta_learner import MetaLearner
 
 FEATURES = ["theta", "delta", "grad", "loss", "fisher", "rms"]
+# per parametrization where it differs (param rational = conf/gate/krause_fast.yaml: no exp/log features)
+FORM = {"rational": dict(features=["theta", "dnorm", "gnorm", "loss", "fisher", "rms"], clamp=20.0)}
 
 
 def best_of(fn, repeat: int) -> float:
@@ -45,10 +49,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, nargs="+", default=[0, 8, 16], help="0: a linear gate")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--params", nargs="+", default=["paper", "krause"])
+    ap.add_argument("--params", nargs="+", default=["paper", "krause", "rational"])
     ap.add_argument("--out", default="bench_gate.md", help="file name under bench/results/")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    keep_freed_memory()  # as train.py/evaluate.py: parameter-sized temporaries reuse the heap, no page faults
     torch.manual_seed(0)
     model = AWDLSTM(vocab_size=33278, emb_size=256, hidden_size=512, num_layers=2)
     dyn = DynamicWeights.build(model)
@@ -61,8 +66,8 @@ def main() -> None:
         sgd = best_of(lambda: theta.clone().add_(grad, alpha=-1e-3), a.repeat)
         for param in a.params:
             for h in a.hidden:
-                meta = MetaLearner(len(dyn.spec.names), hidden=[h] if h else [], features=FEATURES, param=param,
-                                   embed_dim=4)
+                kw = dict(features=FEATURES) | FORM.get(param, {})
+                meta = MetaLearner(len(dyn.spec.names), hidden=[h] if h else [], param=param, embed_dim=4, **kw)
                 rule = GateRule(meta, dyn)
                 full = best_of(lambda rule=rule: rule.update(theta, grad, loss), a.repeat)
                 th = theta.clone()
@@ -77,8 +82,9 @@ def main() -> None:
                 rows.append((param, h, full, chunked, fused, *train))
                 print(param, h, f"whole {full:.3f}s chunked {chunked:.3f}s fused {fused:.3f}s train {train}",
                       flush=True)
-    lines = [f"`python bench/bench_gate.py --threads {a.threads}`: one update of all {dyn.spec.numel:,} coordinates "
-             f"of model=small (features {', '.join(FEATURES)}, tensor embedding 4), best of {a.repeat}; plain SGD "
+    lines = [f"`python bench/bench_gate.py {' '.join(sys.argv[1:])}`: one update of all {dyn.spec.numel:,} coordinates "
+             f"of model=small (features {', '.join(FEATURES)}; rational: {', '.join(FORM['rational']['features'])}; "
+             f"tensor embedding 4), best of {a.repeat}; plain SGD "
              f"step (θ − η∇L, a copy) {1000 * sgd:.0f} ms.", "",
              "| gate | hidden | whole vector (GateRule.update) | chunked in place (apply_) | fused, compiled "
              "(eval.fused_gate) | fused vs SGD step | training fwd+bwd, eager | training fwd+bwd, fused "

@@ -130,23 +130,49 @@ def token_losses(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def score(model: AWDLSTM, spec: DynamicSpec, theta: Tensor, x: Tensor, y: Tensor,
-          hidden: Hidden, sparse_grad: bool = False) -> tuple[Tensor, Hidden]:
+          hidden: Hidden, sparse_grad: bool = False, grad_into: Tensor | None = None) -> tuple[Tensor, Hidden]:
     """Per-token losses [B, T] of segment x -> y [B, T] under θ, and the hidden state after it.
 
     theta [P]: one set of weights for all B rows. theta [B, P]: row b has its own weights (streams
     adapt independently): each dynamic tensor gets a leading stream dimension and the model runs them as
     batched matmuls (static tensors stay shared: one softmax matrix for all rows when it is not dynamic).
+    `grad_into`: a buffer shaped like θ that θ's gradient is written into (`UnflattenInto`; first order).
     """
     if x.is_cuda and model.kernel == "fused":
         # cuDNN's LSTM refuses backward in eval mode and has no double backward: use ATen's kernel.
         with torch.backends.cudnn.flags(enabled=False):
-            return _score(model, spec, theta, x, y, hidden, sparse_grad)
-    return _score(model, spec, theta, x, y, hidden, sparse_grad)
+            return _score(model, spec, theta, x, y, hidden, sparse_grad, grad_into)
+    return _score(model, spec, theta, x, y, hidden, sparse_grad, grad_into)
+
+
+class UnflattenInto(torch.autograd.Function):
+    """`spec.unflatten(θ)` whose backward writes the per-tensor gradients into a persistent buffer shaped like θ
+    and returns it as θ's gradient (first order only). Why: autograd's own backward of the split concatenates
+    them into a fresh [B, P] tensor every segment, and a fresh tensor that large is page-faulted in anew (1.75 s
+    per segment at B = 16 on model=small, a third of the time at B = 8: bench_eval --profile); the buffer is
+    touched once. The gradient returned is the buffer itself, overwritten by the next segment's backward."""
+
+    @staticmethod
+    def forward(ctx: Any, theta: Tensor, buffer: Tensor, spec: DynamicSpec) -> tuple[Tensor, ...]:
+        ctx.buffer, ctx.spec = buffer, spec
+        return tuple(spec.unflatten(theta.detach()).values())
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor, None, None]:
+        lead = ctx.buffer.shape[:-1]
+        for part, g in zip(ctx.buffer.split(ctx.spec.sizes, -1), grads, strict=True):
+            if g is None:  # a tensor the loss does not reach
+                part.zero_()
+            else:
+                part.copy_((g if g.layout == torch.strided else g.to_dense()).reshape(*lead, -1))
+        return ctx.buffer, None, None
 
 
 def _score(model: AWDLSTM, spec: DynamicSpec, theta: Tensor, x: Tensor, y: Tensor,
-           hidden: Hidden, sparse_grad: bool) -> tuple[Tensor, Hidden]:
-    out = functional_call(model, spec.unflatten(theta), (x, hidden), {"sparse_grad": sparse_grad})
+           hidden: Hidden, sparse_grad: bool, grad_into: Tensor | None = None) -> tuple[Tensor, Hidden]:
+    params = spec.unflatten(theta) if grad_into is None else \
+        dict(zip(spec.names, UnflattenInto.apply(theta, grad_into, spec), strict=True))
+    out = functional_call(model, params, (x, hidden), {"sparse_grad": sparse_grad})
     return token_losses(out.logits, y), out.hidden
 
 
@@ -188,6 +214,13 @@ class SGDRule(Rule):
         return theta.add_(grad, alpha=-self.lr)
 
 
+def krause_rate(ms: Tensor, spec: DynamicSpec) -> tuple[Tensor, Tensor]:
+    """RMS = sqrt(MS) [P] and Krause's (unclipped) decay rate RMS / (mean over tensors of mean(RMS)) [P]."""
+    rms = ms.clamp_min(0).sqrt()
+    gmean = torch.stack([t.mean() for t in rms.split(spec.sizes)]).mean()
+    return rms, (rms / gmean if gmean > 0 else torch.zeros_like(rms))
+
+
 def krause_coefficients(ms: Tensor, spec: DynamicSpec, lr: float, lamb: float,
                         eps: float) -> tuple[Tensor, Tensor]:
     """Krause et al. 2017 (dynamiceval.py), per coordinate [P]: step a = −η/(RMS+ε) and decay d.
@@ -195,9 +228,7 @@ def krause_coefficients(ms: Tensor, spec: DynamicSpec, lr: float, lamb: float,
     RMS = sqrt(MS); his decay rate is RMS / (mean over tensors of mean(RMS)), clipped at 1/λ so that
     d = λ·rate ≤ 1 (a decay never overshoots θ_0). Means are per tensor, then over the tensors.
     """
-    rms = ms.clamp_min(0).sqrt()
-    gmean = torch.stack([t.mean() for t in rms.split(spec.sizes)]).mean()
-    rate = rms / gmean if gmean > 0 else torch.zeros_like(rms)
+    rms, rate = krause_rate(ms, spec)
     d = (lamb * rate.clamp(max=1.0 / lamb)) if lamb > 0 else torch.zeros_like(rms)
     return -lr / (rms + eps), d
 
@@ -253,7 +284,7 @@ class GateRule(Rule):
             theta.copy_(self.update(theta, grad, loss))
             return None
         with torch.autocast(theta.device.type, enabled=False):
-            if theta.dim() == 1:
+            if theta.dim() == 1 or getattr(self.gates, "fused", False):  # the compiled pass takes [B, P] itself
                 return self.gates.apply_(theta, grad, loss, self.dyn, stats=stats)
             # B streams [B, P]: row by row (each a view of θ, updated in place with its own loss)
             means = [self.gates.apply_(theta[b], grad[b], loss[b], self.dyn, stats=stats)
@@ -349,6 +380,7 @@ def adaptive_eval(model: AWDLSTM, tokens: Tensor, rule: Rule, segment: int = 5, 
     theta = dyn.theta0.expand(batch_size, -1).clone() if own else dyn.theta0.clone()
     theta.requires_grad_(True)
     hidden = model.init_hidden(batch_size)
+    grad_buf = torch.empty_like(theta, requires_grad=False)  # ∇L_t, rewritten in place by every segment's backward
     out = torch.empty(batch_size, n - 1, device=dev, dtype=torch.promote_types(dyn.theta0.dtype, torch.float32))
     resets = sorted(set(reset_at))
     r = 0
@@ -361,7 +393,8 @@ def adaptive_eval(model: AWDLSTM, tokens: Tensor, rule: Rule, segment: int = 5, 
             r += 1
         x, y = streams[:, start : start + t], streams[:, start + 1 : start + 1 + t]
         with torch.enable_grad():
-            losses, hidden = score(model, dyn.spec, theta, x, y, hidden, sparse_grad=True)  # first order only
+            losses, hidden = score(model, dyn.spec, theta, x, y, hidden, sparse_grad=True,  # first order only
+                                   grad_into=grad_buf)
             per_stream = losses.mean(1)
             (grad,) = torch.autograd.grad(per_stream.sum(), theta)
         hidden = [(h.detach(), c.detach()) for h, c in hidden]

@@ -30,7 +30,7 @@ from dynlm_pl.dynamic import (
 from dynlm_pl.evaluation import RecordingGateRule
 from dynlm_pl.fisher import FisherArtifact
 from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
-from dynlm_pl.models.meta_learner import MetaLearner
+from dynlm_pl.models.meta_learner import MetaLearner, rational_exp
 from dynlm_pl.systems.meta import MetaTrainModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,14 +154,21 @@ def test_descent_gates_equal_plain_sgd(stream: tuple[Tensor, int]) -> None:
     assert diff.abs().max() < 1e-6
 
 
-def test_krause_init_matches_independent_krause(stream: tuple[Tensor, int]) -> None:
+# the features each residual form is shipped with (conf/gate/krause_init.yaml, krause_fast.yaml)
+FORM_FEATURES = {"krause": ["theta", "delta", "grad", "loss", "fisher", "rms"],
+                 "rational": ["theta", "dnorm", "gnorm", "loss", "fisher", "rms"]}
+
+
+@pytest.mark.parametrize("param", ["krause", "rational"])
+def test_krause_init_matches_independent_krause(stream: tuple[Tensor, int], param: str) -> None:
+    """gate=krause_init and gate=krause_fast ARE Krause's rule until they train."""
     tokens, vocab = stream
     lr, lamb, eps = 2e-3, 0.5, 2e-5
     model = tiny_lm(vocab)
     art = fake_fisher(model)
     dyn = DynamicWeights.build(model, fisher_art=art)
-    meta = MetaLearner(len(dyn.spec.names), hidden=[8], features=["theta", "delta", "grad", "loss", "fisher", "rms"],
-                       param="krause", embed_dim=3, lr=lr, lamb=lamb, eps=eps)
+    meta = MetaLearner(len(dyn.spec.names), hidden=[8], features=FORM_FEATURES[param],
+                       param=param, embed_dim=3, lr=lr, lamb=lamb, eps=eps)
     final: dict[str, Tensor] = {}
     got = adaptive_eval(model, tokens, GateRule(meta, dyn), SEG, dyn,
                         on_segment=lambda s, th: final.update(theta=th.detach().clone()))[0]
@@ -188,6 +195,47 @@ def test_krause_init_matches_independent_krause(stream: tuple[Tensor, int]) -> N
     theta_ref = torch.cat([ref_final[n].reshape(-1) for n, _ in params])
     assert torch.allclose(final["theta"], theta_ref, atol=1e-5, rtol=0)
     assert (got - static_losses(model, tokens)).abs().max() > 1e-2
+
+
+def test_rational_gate_matches_its_formula() -> None:
+    """gate=krause_fast (param rational), trained-looking φ, against the formula written out independently:
+    o = W·[θ, dnorm, gnorm, L/10, rms feature] + b, r(o) = 1 + o (o ≥ 0) or 1/(1 − o), o clamped to ±c;
+    i = a·r(o_i), f = 1 − clip((d + d₀)·r(o_f) − d₀), z = clip((d + d₀)·r(o_z) − d₀)."""
+    model = tiny_lm(50)
+    art = fake_fisher(model)
+    dyn = DynamicWeights.build(model, fisher_art=art)
+    lr, lamb, lamb0, eps, c = 1e-2, 0.05, 1e-3, 2e-5, 0.8
+    meta = MetaLearner(len(dyn.spec.names), hidden=[], features=["theta", "dnorm", "gnorm", "loss", "rms"],
+                       param="rational", lr=lr, lamb=lamb, lamb0=lamb0, eps=eps, clamp=c)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        meta.out.weight.copy_(torch.randn(3, 5, generator=g))
+        meta.out.bias.copy_(torch.randn(3, generator=g))
+    theta = dyn.theta0 + 1e-3 * torch.randn(dyn.theta0.shape, generator=g)
+    grad, loss = 1e-2 * torch.randn(theta.shape, generator=g), torch.tensor(4.0)
+    f, i, z = meta(theta, grad, loss, dyn)
+    # independent: Krause's coefficients from dynamiceval.py's definitions
+    rms = torch.cat([art.ms[n].sqrt().reshape(-1) for n, _ in model.named_parameters()])
+    gmean = torch.stack([t.mean() for t in rms.split(dyn.spec.sizes)]).mean()
+    a = -lr / (rms + eps)
+    d, d0 = lamb * torch.clamp(rms / gmean, max=1 / lamb), lamb0 * torch.clamp(rms / gmean, max=1 / lamb0)
+    x = torch.stack([theta, (theta - dyn.theta0) / (10 * a.abs()), grad / (rms + eps), loss / 10 + 0 * theta,
+                     torch.log(rms) / 10], dim=-1)
+    x[:, 1:3] = x[:, 1:3] / (1 + x[:, 1:3].abs())
+    o = (x @ meta.out.weight.T + meta.out.bias).clamp(-c, c)
+    r = torch.where(o >= 0, 1 + o, 1 / (1 - o))
+    assert bool((o.abs() == c).any()) and bool((o < 0).any()) and bool((o > 0).any())  # every branch taken
+    assert torch.allclose(i, a * r[:, 1], rtol=1e-5, atol=0)
+    assert torch.allclose(f, 1 - ((d + d0) * r[:, 0] - d0).clamp(0, 1), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(z, ((d + d0) * r[:, 2] - d0).clamp(0, 1), rtol=1e-5, atol=1e-7)
+    # r is smooth through 0 (value and slope 1 on both sides) and its gradient is finite everywhere
+    t = torch.tensor([-30.0, -1.0, -1e-4, 0.0, 1e-4, 1.0, 30.0], requires_grad=True)
+    rt = rational_exp(t, 20.0)
+    (dr,) = torch.autograd.grad(rt.sum(), t)
+    assert torch.allclose(rt, torch.tensor([1 / 21, 0.5, 1 / 1.0001, 1.0, 1.0001, 2.0, 21.0]))
+    assert torch.allclose(dr, torch.tensor([0.0, 0.25, 1 / 1.0001**2, 1.0, 1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="need param krause"):  # gnorm/dnorm are defined by Krause's a and RMS
+        MetaLearner(3, hidden=[], features=["theta", "gnorm"], param="paper")
 
 
 def test_dynamic_selection_and_streams(stream: tuple[Tensor, int]) -> None:
@@ -226,13 +274,17 @@ class ReplayRule(Rule):
         return self.inner.update(theta, grad, loss)
 
 
-def double_module(vocab: int, order: int, checkpointing: bool = False, unroll: int = 4) -> MetaTrainModule:
+def double_module(vocab: int, order: int, checkpointing: bool = False, unroll: int = 4,
+                  param: str = "paper") -> MetaTrainModule:
     torch.manual_seed(1)
     model = tiny_lm(vocab, emb=6, hid=8).double()
     art = fake_fisher(model)
     dyn = DynamicWeights.build(model, fisher_art=art)
     gate = dict(param="paper", hidden=[6], features=["theta", "delta", "grad", "loss", "fisher"], embed_dim=2,
                 lr=0.3, gate_bias=3.0, init_scale=0.5)
+    if param == "rational":  # gate=krause_fast's form, on a small MLP (its last layer starts at zero)
+        gate = dict(param="rational", hidden=[6], features=FORM_FEATURES["rational"], embed_dim=2, lr=0.3,
+                    lamb=0.05, clamp=20.0)
     module = MetaTrainModule(model, dyn, gate, segment=SEG, unroll=unroll, order=order, checkpointing=checkpointing)
     module.meta.double()
     return module
@@ -363,14 +415,14 @@ def test_short_meta_training_lowers_validation_adaptive_loss(compose_cfg, tmp_pa
     assert isinstance(meta, MetaLearner) and hp["provenance"]["lm_sha256"]
 
 
-@pytest.mark.parametrize("param", ["paper", "krause"])
+@pytest.mark.parametrize("param", ["paper", "krause", "rational"])
 def test_chunked_in_place_update_equals_the_differentiable_one(param: str) -> None:
     """Evaluation updates θ chunk by chunk in place (MetaLearner.apply_); it must be the same rule as the
     differentiable update meta-training uses, with the tensor embedding, over chunk and tensor boundaries."""
     model = tiny_lm(50)
     dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
-    meta = MetaLearner(len(dyn.spec.names), hidden=[8], features=["theta", "delta", "grad", "loss", "rms"],
-                       param=param, embed_dim=3, lr=1e-2)
+    feats = ["theta", "delta", "grad", "loss", "rms"] if param != "rational" else FORM_FEATURES[param]
+    meta = MetaLearner(len(dyn.spec.names), hidden=[8], features=feats, param=param, embed_dim=3, lr=1e-2)
     with torch.no_grad():  # a trained-looking φ: the output layer is no longer its (near-)constant init
         meta.out.weight.normal_(0, 0.3)
     theta = dyn.theta0 + 1e-3 * torch.randn_like(dyn.theta0)
@@ -390,7 +442,8 @@ def test_chunked_in_place_update_equals_the_differentiable_one(param: str) -> No
 
 
 @pytest.mark.parametrize(("param", "hidden", "flush", "lamb"),
-                         [("krause", [], True, 0.01), ("paper", [8], True, 0.01), ("krause", [], False, 0.0)])
+                         [("krause", [], True, 0.01), ("paper", [8], True, 0.01), ("krause", [], False, 0.0),
+                          ("rational", [], True, 0.01), ("rational", [], False, 0.0)])
 def test_fused_compiled_update_equals_the_chunked_one(stream: tuple[Tensor, int], param: str,
                                                      hidden: list[int], flush: bool, lamb: float) -> None:
     """eval.fused_gate: the coordinate-wise network under torch.compile == the matmul network, chunked (also
@@ -398,7 +451,7 @@ def test_fused_compiled_update_equals_the_chunked_one(stream: tuple[Tensor, int]
     _, vocab = stream
     model = tiny_lm(vocab)
     dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
-    meta = MetaLearner(len(dyn.spec.names), hidden=hidden, features=["theta", "delta", "grad", "loss", "fisher", "rms"],
+    meta = MetaLearner(len(dyn.spec.names), hidden=hidden, features=FORM_FEATURES.get(param, FORM_FEATURES["krause"]),
                        param=param, embed_dim=3, lr=0.1, lamb=lamb, flush=flush)
     with torch.no_grad():  # away from the initial (constant) output, so every feature and weight matters
         meta.out.weight.normal_(0, 0.3)
@@ -417,6 +470,33 @@ def test_fused_compiled_update_equals_the_chunked_one(stream: tuple[Tensor, int]
     nostats = theta.clone()  # the second compiled graph, which skips the gate sums: the same θ_t, no means
     assert meta.apply_(nostats, grad, loss, dyn, stats=False) is None
     assert torch.allclose(nostats, fused, atol=1e-7, rtol=1e-6)
+
+
+def test_compiled_pass_over_streams_equals_stream_by_stream() -> None:
+    """The compiled pass over B streams' θ [B, P], chunk-major (each chunk of the shared constants read once for
+    all streams), == each stream's θ [P] updated alone with its own loss, over chunk and tensor boundaries."""
+    model = tiny_lm(50)
+    dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    meta = MetaLearner(len(dyn.spec.names), hidden=[], features=FORM_FEATURES["rational"], param="rational",
+                       embed_dim=3, lr=0.1, lamb=0.01)
+    with torch.no_grad():
+        meta.out.weight.normal_(0, 0.3)
+        meta.embed_proj.weight.normal_(0, 0.3)
+    meta.fused = True
+    g = torch.Generator().manual_seed(4)
+    B = 3
+    theta = dyn.theta0 + 1e-2 * torch.randn(B, dyn.spec.numel, generator=g)
+    grad, loss = 1e-2 * torch.randn(theta.shape, generator=g), torch.tensor([3.0, 4.0, 5.0])
+    together = theta.clone()
+    means = meta.fused_apply_(together, grad, loss, dyn, chunk=100)  # many chunks per tensor
+    alone = theta.clone()
+    means_alone = torch.stack([meta.fused_apply_(alone[b], grad[b], loss[b], dyn) for b in range(B)])
+    assert (together - theta).abs().max() > 1e-4 and not torch.allclose(together[0] - theta[0], together[1] - theta[1])
+    assert torch.allclose(together, alone, atol=1e-7, rtol=1e-6)
+    assert torch.allclose(means, means_alone.mean(0), atol=1e-6, rtol=1e-5)
+    rule_th = theta.clone()  # what adaptive_eval calls with eval.streams = B
+    GateRule(meta, dyn).update_(rule_th, grad, loss)
+    assert torch.allclose(rule_th, alone, atol=1e-7, rtol=1e-6)
 
 
 def test_recording_rule_keeps_the_gate_means_every_few_segments() -> None:
@@ -438,15 +518,16 @@ def test_recording_rule_keeps_the_gate_means_every_few_segments() -> None:
     assert torch.allclose(theta, ref, atol=1e-7, rtol=1e-6) and not torch.equal(theta, dyn.theta0)
 
 
-@pytest.mark.parametrize("order", [1, 2])
-def test_fused_training_update_gives_the_same_meta_gradient(stream: tuple[Tensor, int], order: int) -> None:
+@pytest.mark.parametrize(("order", "param"), [(1, "paper"), (2, "paper"), (1, "rational")])
+def test_fused_training_update_gives_the_same_meta_gradient(stream: tuple[Tensor, int], order: int,
+                                                           param: str) -> None:
     """meta.fused_gate: the compiled differentiable update (MetaLearner.fused_update), checkpointed, gives the
     eager meta-gradient (float64: agreement to rounding, not to float32's reduction-order noise)."""
     tokens, vocab = stream
     chunk = tokens[None, : 6 * SEG + 1]
     grads = []
     for fused in (False, True):
-        module = double_module(vocab, order, checkpointing=True, unroll=6)
+        module = double_module(vocab, order, checkpointing=True, unroll=6, param=param)
         module.meta.fused = fused
         grads.append(torch.autograd.grad(meta_loss(module, chunk), list(module.meta.parameters())))
     assert max(float(g.abs().max()) for g in grads[0]) > 1e-6

@@ -24,9 +24,9 @@ from omegaconf import DictConfig
 from test_meta import fake_fisher
 
 from dynlm_pl.data import batchify, synthetic_corpus
-from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval, stream_rows
+from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval, score, stream_rows
 from dynlm_pl.errors import DynlmError
-from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
+from dynlm_pl.models.awd_lstm import AWDLSTM, StreamLinear, detach_hidden, lm_loss
 from dynlm_pl.models.meta_learner import build_meta_learner
 from dynlm_pl.stages import run_stages
 from dynlm_pl.systems import meta as meta_stage
@@ -275,18 +275,24 @@ def _tiny_model(vocab: int, kernel: str = "manual") -> AWDLSTM:
 
 
 @pytest.mark.parametrize(("rule_name", "kernel"), [("sgd", "manual"), ("rms", "manual"), ("meta", "manual"),
-                                                   ("sgd", "fused"), ("meta", "fused")])
+                                                   ("sgd", "fused"), ("meta", "fused"), ("meta_compiled", "fused")])
 def test_per_stream_eval_equals_separate_batch1_runs(synthetic_corpus_session, rule_name: str, kernel: str) -> None:
-    """B streams with their own θ (batched matmuls; kernel=fused: StreamLSTM) == B runs at batch 1."""
+    """B streams with their own θ (batched matmuls; kernel=fused: StreamLSTM) == B runs at batch 1 (meta_compiled:
+    the gate=krause_fast form as eval.fused_gate runs it, one compiled pass over the [B, P] streams)."""
     tokens = synthetic_corpus_session.splits["valid"][:403]
     model = _tiny_model(len(synthetic_corpus_session.vocab), kernel)
     dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
     gate = {"param": "krause", "hidden": [], "features": ["theta", "delta", "grad", "loss", "rms"], "embed_dim": 2,
             "lr": 0.3, "lamb": 0.01}
+    if rule_name == "meta_compiled":  # η 0.1: at 0.3 this form's ×6 corrections amplify the batched matmuls'
+        # float rounding over 80 updates to ~1.4e-5 (the eager pass as much: a property of the rule, not the pass)
+        gate.update(param="rational", features=["theta", "dnorm", "gnorm", "loss", "rms"], lr=0.1)
     meta = build_meta_learner(gate, len(dyn.spec.names))
+    meta.fused = rule_name == "meta_compiled"
     with torch.no_grad():  # a rule away from its Krause initialisation: corrections that depend on the features
         meta.out.weight.normal_(0, 0.3)
-    rule = {"sgd": SGDRule(0.5), "rms": RMSRule(dyn, 1e-4, 0.01, 2e-5), "meta": GateRule(meta, dyn)}[rule_name]
+    rules = {"sgd": SGDRule(0.5), "rms": RMSRule(dyn, 1e-4, 0.01, 2e-5), "meta": GateRule(meta, dyn)}
+    rule = rules["meta" if rule_name == "meta_compiled" else rule_name]
     B = 4
     got = adaptive_eval(model, tokens, rule, 5, dyn, batch_size=B)  # [B, n]
     rows = stream_rows(tokens, B)
@@ -295,6 +301,34 @@ def test_per_stream_eval_equals_separate_batch1_runs(synthetic_corpus_session, r
         alone = adaptive_eval(model, rows[b], rule, 5, dyn)[0]
         assert torch.allclose(got[b], alone, atol=1e-5, rtol=0), (rule_name, b, (got[b] - alone).abs().max())
     assert (got.std(0) > 0).any()  # the streams read different text (a test that cannot pass by symmetry)
+
+
+@pytest.mark.parametrize(("streams", "kernel"), [(1, "fused"), (3, "fused"), (3, "manual")])
+def test_adaptation_gradient_equals_plain_autograd(streams: int, kernel: str) -> None:
+    """The first-order adaptation gradient (sparse embedding lookup; per stream, its rows added in place into the
+    tied decoder's gradient from StreamLinear) == autograd through the dense ops (float64, to rounding)."""
+    torch.manual_seed(0)
+    model = AWDLSTM(40, emb_size=6, hidden_size=8, num_layers=2, kernel=kernel).double().eval().requires_grad_(False)
+    dyn = DynamicWeights.build(model)
+    theta = dyn.theta0 + 0.01 * torch.randn(streams, dyn.spec.numel, dtype=torch.float64)
+    theta = theta[0] if streams == 1 else theta
+    tokens = torch.randint(0, 40, (streams, 7))
+    tokens[:, 2] = tokens[:, 4]  # a word twice in a segment: its rows accumulate
+    grads = []
+    buf = torch.full_like(theta, float("nan"))  # adaptive_eval's persistent gradient buffer (UnflattenInto)
+    for sparse, into in ((False, None), (True, None), (True, buf)):
+        th = theta.clone().requires_grad_(True)
+        losses, _ = score(model, dyn.spec, th, tokens[:, :-1], tokens[:, 1:], model.init_hidden(streams), sparse,
+                          grad_into=into)
+        grads.append(torch.autograd.grad(losses.mean(1).sum(), th)[0])
+    assert grads[1].layout == torch.strided and torch.allclose(grads[1], grads[0], rtol=1e-10, atol=1e-13)
+    assert grads[2] is buf and torch.allclose(buf, grads[0], rtol=1e-10, atol=1e-13)  # every slice written
+    emb = slice(0, 40 * 6)  # encoder.weight comes first: both its uses (lookup and decoder) reach the gradient
+    assert float(grads[0][..., emb].abs().min()) > 0
+    # StreamLinear is twice differentiable (second-order meta-training runs the per-stream LM through it)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(StreamLinear.apply, (x, w))
 
 
 def test_shared_theta_eval_equals_an_independent_batch_loop(synthetic_corpus_session) -> None:

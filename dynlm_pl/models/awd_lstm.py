@@ -48,22 +48,59 @@ def embedding_dropout(weight: Tensor, p: float, training: bool) -> Tensor:
 
 
 class StreamLookup(torch.autograd.Function):
-    """Row b of tokens [B, T] looked up in its own table w [B, V, E] -> [B, T, E], with a SPARSE gradient for w
-    (first order): the B·T rows, which autograd adds into the tied decoder's dense [B, V, E] gradient, instead
-    of a zero-filled [B, V, E] plus a second dense add (`AWDLSTM.forward(sparse_grad=True)`)."""
+    """tokens [B, T] looked up in w [V, E], or row b in its own table w [B, V, E], -> [B, T, E], with a SPARSE
+    gradient for w (first order): the B·T rows instead of a zero-filled table (`AWDLSTM.forward(sparse_grad=True)`).
+
+    `tie`: the dict the tied decoder's `StreamLinear` left its dense gradient of w in (its backward runs first:
+    this lookup's input gradient depends on it). The rows are then added into that tensor in place and no
+    gradient is returned for w. Why: autograd sums a dense and a sparse gradient of one tensor out of place, a
+    full copy of the table per segment (a fifth of an sgd segment on model=small at B = 1 and at B = 8,
+    bench_eval --profile); the engine still waits for this node before it passes w's gradient on."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, tokens: Tensor) -> Tensor:
+    def forward(ctx: Any, w: Tensor, tokens: Tensor, tie: dict[str, Tensor] | None = None) -> Tensor:
         ctx.save_for_backward(tokens)
-        ctx.w_shape = w.shape
-        return w[torch.arange(w.size(0), device=w.device)[:, None], tokens]
+        ctx.w_shape, ctx.tie = w.shape, tie
+        return w[tokens] if w.dim() == 2 else w[torch.arange(w.size(0), device=w.device)[:, None], tokens]
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None]:
         (tokens,) = ctx.saved_tensors
         b, t = tokens.shape
-        rows = torch.stack([torch.arange(b, device=g.device).repeat_interleave(t), tokens.reshape(-1)])  # [2, B·T]
-        return torch.sparse_coo_tensor(rows, g.reshape(b * t, -1), ctx.w_shape, check_invariants=False), None
+        index = (tokens.reshape(-1),) if len(ctx.w_shape) == 2 else \
+            (torch.arange(b, device=g.device).repeat_interleave(t), tokens.reshape(-1))  # (stream, word) per row
+        rows = g.reshape(b * t, -1)
+        dense = ctx.tie.pop("grad", None) if ctx.tie is not None else None
+        if dense is not None and dense.dtype == rows.dtype:  # (under autocast the decoder's is bf16: summed later)
+            dense.index_put_(index, rows, accumulate=True)
+            return None, None, None
+        return torch.sparse_coo_tensor(torch.stack(index), rows, ctx.w_shape, check_invariants=False), None, None
+
+
+class StreamLinear(torch.autograd.Function):
+    """x [B, T, I] @ w^T (w [O, I] shared, or [B, O, I] per stream) -> [B, T, O], with w's gradient formed as
+    g^T @ x in w's own layout. Why: autograd's gradient for a transposed per-stream operand is a transposed view,
+    which flattening into θ's gradient copies once more (the decoder's [B, V, E] and the LSTM input weights,
+    every segment). `tie`: a dict to leave w's gradient in for a `StreamLookup` of the same w. Twice
+    differentiable (the backward is plain matmuls)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, tie: dict[str, Tensor] | None = None) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.tie = tie
+        return x @ w.t() if w.dim() == 2 else torch.bmm(x, w.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, w = ctx.saved_tensors
+        d_x = (g @ w if w.dim() == 2 else torch.bmm(g, w)) if ctx.needs_input_grad[0] else None
+        d_w = None
+        if ctx.needs_input_grad[1]:  # [O, I] or [B, O, I], contiguous
+            d_w = g.reshape(-1, g.size(-1)).t() @ x.reshape(-1, x.size(-1)) if w.dim() == 2 else \
+                torch.bmm(g.transpose(1, 2), x)
+        if ctx.tie is not None and d_w is not None:
+            ctx.tie["grad"] = d_w
+        return d_x, d_w, None
 
 
 def input_gates(x: Tensor, w_ih: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
@@ -73,7 +110,7 @@ def input_gates(x: Tensor, w_ih: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
     if w_ih.dim() == 2 and bias.dim() == 1:
         return torch.addmm(bias, x.reshape(-1, x.size(-1)), w_ih.t()).view(x.size(0), x.size(1), -1)
     w = w_ih if w_ih.dim() == 3 else w_ih.expand(x.size(0), -1, -1)
-    return torch.baddbmm(bias.expand(x.size(0), -1)[:, None], x, w.transpose(1, 2))
+    return StreamLinear.apply(x, w) + bias.expand(x.size(0), -1)[:, None]
 
 
 def lstm_manual(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
@@ -212,23 +249,25 @@ class AWDLSTM(nn.Module):
     def forward(self, tokens: Tensor, hidden: Hidden | None = None, sparse_grad: bool = False) -> LMOutput:
         """tokens: int64 [B, T] -> LMOutput with logits [B, T, V].
 
-        `sparse_grad`: the embedding lookup's gradient as a sparse tensor (first-order adaptation, `adaptive_eval`):
-        autograd then adds the T looked-up rows into the tied decoder's dense [V, E] gradient instead of
-        zero-filling a second [V, E] and adding the two, ~15% of a 5-token segment's backward on model=small.
+        `sparse_grad`: the embedding lookup's gradient as its rows only (first-order adaptation, `adaptive_eval`):
+        they are added in place into the tied decoder's dense gradient (`StreamLookup`, `StreamLinear`) instead of
+        zero-filling a second table and adding the two, ~15% of a 5-token segment's backward on model=small.
         Not twice differentiable: off for second-order meta-training and for training the LM."""
         if hidden is None:
             hidden = self.init_hidden(tokens.size(0))
         # A weight with a leading stream dimension (θ [B, P] unflattened by `dynamic.score`): row b runs on
         # its own weights, as batched matmuls (kernel=fused: StreamLSTM, first order; manual: plain ops)
         per_stream = any(t.dim() > (1 if "bias" in n else 2) for n, t in self._weights())
+        tie = None  # set with sparse_grad: where the decoder leaves the tied table's gradient for the lookup
         if per_stream and self.training:
             raise ValueError("per-stream weights are for adaptation of a frozen LM: call .eval() first")
         lstm = (lstm_streams if per_stream else lstm_fused) if self.kernel == "fused" else lstm_manual
         emb_w = embedding_dropout(self.encoder.weight, self.dropoute, self.training)
-        if emb_w.dim() == 2:
-            x = F.embedding(tokens, emb_w, sparse=sparse_grad)
-        elif sparse_grad:  # [B, V, E]: row b looks its words up in its own table
-            x = StreamLookup.apply(emb_w, tokens)
+        if sparse_grad:  # [V, E] or [B, V, E] (row b looks its words up in its own table)
+            tie = {} if emb_w is self.encoder.weight else None  # its rows go into the tied decoder's gradient
+            x = StreamLookup.apply(emb_w, tokens, tie)
+        elif emb_w.dim() == 2:
+            x = F.embedding(tokens, emb_w)
         else:
             x = emb_w[torch.arange(tokens.size(0), device=tokens.device)[:, None], tokens]
         x = locked_dropout(x, self.dropouti, self.training)
@@ -243,10 +282,12 @@ class AWDLSTM(nn.Module):
         raw = x
         out = locked_dropout(raw, self.dropout, self.training)
         w, b = self.encoder.weight, self.decoder_bias  # tied decoder
-        if w.dim() == 2 and b.dim() == 1:
+        if tie is not None:
+            logits = StreamLinear.apply(out, w, tie) + (b if b.dim() == 1 else b[:, None])
+        elif w.dim() == 2 and b.dim() == 1:
             logits = F.linear(out, w, b)
         else:  # per-stream table [B, V, E] and/or bias [B, V]
-            logits = (out @ w.t() if w.dim() == 2 else torch.bmm(out, w.transpose(1, 2))) + \
+            logits = (out @ w.t() if w.dim() == 2 else StreamLinear.apply(out, w)) + \
                 (b if b.dim() == 1 else b[:, None])
         return LMOutput(logits, new_hidden, raw, out)
 

@@ -12,6 +12,9 @@ Features per coordinate (`features`, in this order):
   loss    L_t (mean token loss of the segment) / 10      1
   fisher  log diag F / 10 (needs fisher.pt)              1
   rms     log RMS / 10, RMS = sqrt(ms) (needs fisher.pt) 1
+  gnorm   softsign(∇L_t / (RMS+ε)): the gradient in units of its training-set RMS    1
+  dnorm   softsign((θ_{t-1} − θ_0) / (10·|a|)): the drift in units of 10 of Krause's steps a   1
+          (gnorm/dnorm: scale-free like log_sign but transcendental-free; param krause|rational only)
 plus, with `embed_dim > 0`, a learned embedding of the parameter tensor the coordinate belongs to
 (enters as a per-tensor bias of the first layer: no [P, embed_dim] tensor is built).
 
@@ -30,11 +33,17 @@ Gate parametrizations (`param`):
           o = 0, D = d and the rule IS Krause's update until training moves it. With
           `rms_scale=False` the step is a = −η for every coordinate: the rule starts as plain SGD. Corrections o are
           soft-clamped to ±`clamp` (a factor e^±clamp around his coefficients).
+  rational the krause form with e^{soft_clamp(o)} replaced by r(clamp(o, ±`clamp`)), r(o) = 1 + o for o ≥ 0 and
+          1/(1 − o) below (positive, r(0) = 1, r'(0) = 1 like e^o): with the gnorm/dnorm features the whole
+          update is multiply-adds and a few divisions, no exp/log. Why: the fused krause pass is compute-bound
+          (2 logs, 6 exps, 3 divisions per coordinate, ~8 ns on the dev box against ~1 ns of memory traffic),
+          which puts meta evaluation at 2-3x the cost of SGD; this one is meant to cost about SGD's step.
 `flush=False` (meta_noflush): z ≡ 0; the krause form then keeps f = 1 + λ·o_f (no decay at init).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -44,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FEATURE_WIDTH = {"theta": 1, "delta": 2, "grad": 2, "loss": 1, "fisher": 1, "rms": 1}
+FEATURE_WIDTH = {"theta": 1, "delta": 2, "grad": 2, "loss": 1, "fisher": 1, "rms": 1, "gnorm": 1, "dnorm": 1}
+KRAUSE_FORMS = ("krause", "rational")  # residual parametrizations around Krause's rule (need ms)
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
@@ -71,6 +81,19 @@ def soft_clamp(x: Tensor, c: float) -> Tensor:
     return c * (2.0 * torch.sigmoid(x * (2.0 / c)) - 1.0) if c > 0 else x
 
 
+def softsign(x: Tensor) -> Tensor:
+    """x / (1 + |x|): bounded by ±1, slope 1 at 0, one division."""
+    return x / (1.0 + x.abs())
+
+
+def rational_exp(x: Tensor, c: float) -> Tensor:
+    """r(clamp(x, ±c)), r(x) = 1 + x (x ≥ 0) or 1/(1 + |x|) (x < 0): a positive stand-in for e^x that agrees
+    with it to first order at 0 and costs one division. The unused branch of `where` stays finite (1 + |x| ≥ 1),
+    so its zero gradient is not 0·inf."""
+    x = x.clamp(-c, c) if c > 0 else x
+    return torch.where(x >= 0, 1.0 + x, 1.0 / (1.0 + x.abs()))
+
+
 class MetaLearner(nn.Module):
     """g_φ: per-coordinate features -> gates (f, i, z). Call as `gates(θ, ∇L, L, dyn)`."""
 
@@ -81,11 +104,14 @@ class MetaLearner(nn.Module):
                  clamp: float = 5.0) -> None:
         super().__init__()
         unknown = [f for f in features if f not in FEATURE_WIDTH]
-        if unknown or param not in ("paper", "krause") or activation not in ACTIVATIONS or \
+        needs_krause = [f for f in features if f in ("gnorm", "dnorm")] if param not in KRAUSE_FORMS else []
+        if unknown or needs_krause or param not in ("paper", *KRAUSE_FORMS) or activation not in ACTIVATIONS or \
                 any(int(h) < 1 for h in hidden):
             raise ValueError(f"bad meta-learner config: features {unknown} unknown (use {list(FEATURE_WIDTH)}), "
-                             f"param={param!r} (paper|krause), activation={activation!r} ({list(ACTIVATIONS)}), "
-                             f"hidden={list(hidden)} (positive layer widths; [] for a linear gate)")
+                             f"features {needs_krause} need param krause|rational, "
+                             f"param={param!r} (paper|krause|rational), activation={activation!r} "
+                             f"({list(ACTIVATIONS)}), hidden={list(hidden)} (positive layer widths; [] for a linear "
+                             "gate)")
         self.features, self.param, self.flush = tuple(features), param, flush
         self.lr, self.lamb, self.eps, self.clamp, self.lamb0 = lr, lamb, eps, clamp, lamb0
         self.rms_scale = rms_scale
@@ -98,7 +124,7 @@ class MetaLearner(nn.Module):
         # the per-tensor bias enters the first linear map (`first`)
         self.embed_proj = nn.Linear(embed_dim, self.first.out_features, bias=False) if self.embed is not None else None
         with torch.no_grad():
-            if param == "krause":  # exactly Krause's rule at init
+            if param in KRAUSE_FORMS:  # exactly Krause's rule at init
                 self.out.weight.zero_()
                 self.out.bias.zero_()
             else:  # near COPY: f = σ(b), z = σ(−b), i = −η
@@ -123,7 +149,7 @@ class MetaLearner(nn.Module):
     def _context(self, dyn: Any) -> dict[str, Tensor]:
         if self._ctx is not None and self._ctx[0] == id(dyn):
             return self._ctx[1]
-        from dynlm_pl.dynamic import krause_coefficients  # dynamic imports models: avoid a cycle
+        from dynlm_pl.dynamic import krause_coefficients, krause_rate  # dynamic imports models: avoid a cycle
 
         ctx: dict[str, Tensor] = {}
         need = {"fisher": dyn.fisher, "rms": dyn.ms}
@@ -134,15 +160,21 @@ class MetaLearner(nn.Module):
                                      "stage=fisher`), or drop it from gate.features")
                 v = dyn.fisher if f == "fisher" else dyn.ms.clamp_min(0).sqrt()
                 ctx[f] = torch.log(v.clamp_min(1e-20)) / 10.0
-        if self.param == "krause":
+        if self.param in KRAUSE_FORMS:
             if dyn.ms is None:
                 raise ValueError("gate=krause_init needs Krause's gradient statistics (ms) from fisher.pt: "
                                  "run `python train.py stage=fisher` first")
-            ctx["a"], ctx["d"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb, self.eps)
-            if not self.rms_scale:  # start from plain SGD (−η for every coordinate) when that rule tuned best
-                ctx["a"] = torch.full_like(ctx["a"], -self.lr)
-            # d₀ = lamb0 · rate: the same per-coordinate shape as Krause's decay, at a small fixed scale
-            ctx["d0"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb0, self.eps)[1]
+            rms, rate = krause_rate(dyn.ms, dyn.spec)
+            if self.param == "rational" or "gnorm" in self.features:
+                ctx["inv"] = 1.0 / (rms + self.eps)  # 1/(RMS+ε)
+            if self.param == "rational":  # a, d, d₀ formed in the pass from these two (`coefficients`)
+                ctx["rate"] = rate
+            else:
+                ctx["a"], ctx["d"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb, self.eps)
+                if not self.rms_scale:  # start from plain SGD (−η for every coordinate) when that rule tuned best
+                    ctx["a"] = torch.full_like(ctx["a"], -self.lr)
+                # d₀ = lamb0 · rate: the same per-coordinate shape as Krause's decay, at a small fixed scale
+                ctx["d0"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb0, self.eps)[1]
         self._ctx = (id(dyn), ctx)
         return ctx
 
@@ -162,6 +194,10 @@ class MetaLearner(nn.Module):
                 cols.extend(log_sign(theta - theta0))
             elif f == "grad":
                 cols.extend(log_sign(grad))
+            elif f == "gnorm":
+                cols.append(softsign(grad * ctx["inv"]))
+            elif f == "dnorm":  # |a| = η/(RMS+ε), or η
+                cols.append(softsign((theta - theta0) / (10.0 * self.coefficients(ctx)[0].abs())))
             elif f == "loss":
                 cols.append((loss.reshape(*loss.shape, *([1] * (theta.dim() - loss.dim()))) / 10.0).expand_as(theta))
             else:
@@ -190,17 +226,36 @@ class MetaLearner(nn.Module):
             f = torch.sigmoid(o_f)
             i = -self.lr * F.softplus(o_i) / math.log(2.0)
             return f, i, torch.sigmoid(o_z) if self.flush else None
-        o_f, o_i, o_z = (soft_clamp(o, self.clamp) for o in (o_f, o_i, o_z))
-        a, d, d0 = ctx["a"], ctx["d"], ctx["d0"]
-        i = a * torch.exp(o_i)
+        # e^{o} around Krause's coefficients: e^{soft_clamp(o)} (krause) or its rational stand-in
+        if self.param == "krause":
+            o_f, o_i, o_z = (soft_clamp(o, self.clamp) for o in (o_f, o_i, o_z))
+            mult = torch.exp
+        else:
+            o_f, o_i, o_z = (o.clamp(-self.clamp, self.clamp) for o in (o_f, o_i, o_z))
+            mult = functools.partial(rational_exp, c=0.0)  # already clamped
+        a, d, d0 = self.coefficients(ctx)
+        i = a * mult(o_i)
         if not self.flush:
-            # λ = 0 (what tuning picks on WikiText-2): f ≡ 1 exactly (o_f is soft-clamped, finite), and saying
+            # λ = 0 (what tuning picks on WikiText-2): f ≡ 1 exactly (o_f is clamped, finite), and saying
             # so lets the compiled pass drop o_f's row of the network and its σ
             return (torch.ones_like(o_f) if self.lamb == 0 else 1.0 + self.lamb * o_f), i, None
         # clamp passes gradient at its bounds (inclusive mask): D stays learnable at 0
-        f = 1.0 - torch.addcmul(-d0, d + d0, torch.exp(o_f)).clamp(0.0, 1.0)
-        z = torch.addcmul(-d0, d + d0, torch.exp(o_z)).clamp(0.0, 1.0)
+        f = 1.0 - torch.addcmul(-d0, d + d0, mult(o_f)).clamp(0.0, 1.0)
+        z = torch.addcmul(-d0, d + d0, mult(o_z)).clamp(0.0, 1.0)
         return f, i, z
+
+    def coefficients(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Krause's step a = −η/(RMS+ε) (or −η without rms_scale), decay d = λ·min(rate, 1/λ) and d₀ (λ₀ for λ),
+        per coordinate. krause: read from ctx; rational: formed from 1/(RMS+ε) and the rate, two streams instead of
+        three (the rational pass is bound by memory traffic: 4 bytes per coordinate and stream); the constant
+        tensors (λ = 0, no rms_scale) are folded into the compiled pass, not read."""
+        if self.param == "krause":
+            return ctx["a"], ctx["d"], ctx["d0"]
+        rate = ctx["rate"]
+        a = -self.lr * ctx["inv"] if self.rms_scale else torch.full_like(rate, -self.lr)
+        d, d0 = ((lam * rate.clamp(max=1.0 / lam) if lam > 0 else torch.zeros_like(rate))
+                 for lam in (self.lamb, self.lamb0))
+        return a, d, d0
 
     def _bias1(self) -> Tensor:
         """First-layer bias per dynamic tensor [n_tensors, H] (the tensor embedding enters here), or [H]."""
@@ -233,7 +288,7 @@ class MetaLearner(nn.Module):
         activations to memory and reads them back (for P = 10.9M and H = 16, > 1 GB per update); a
         chunk of 32k coordinates keeps them in cache, so the update costs the MLP's arithmetic only.
         """
-        if self.fused:
+        if self.fused:  # θ [P] or [B, P]
             return self.fused_apply_(theta, grad, loss, dyn, stats)
         ctx = self._context(dyn)
         bias = self._bias1()
@@ -329,11 +384,17 @@ class MetaLearner(nn.Module):
         theta.copy_(self._fused_gated(theta, grad, loss, theta0, ctx, bias1)[0])
 
     @torch.no_grad()
-    def fused_apply_(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any, stats: bool = True) -> Tensor | None:
-        """`apply_` as one compiled pass per dynamic tensor (θ [P]); the same numbers to float rounding.
+    def fused_apply_(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any, stats: bool = True,
+                     chunk: int = 1 << 18) -> Tensor | None:
+        """`apply_` as compiled passes over θ [P] or B streams' θ [B, P] (loss scalar or [B]); the same numbers
+        to float rounding. Returns the per-tensor mean gates [3, n_tensors] (over streams), None with `stats=False`.
 
-        Compiled once with a symbolic length (dynamic=True), so every tensor of every model reuses it; the
-        first call compiles (seconds to tens of seconds on a CPU). `stats=False`: no gate means (None).
+        Coordinates go in chunks of `chunk` within each tensor, and for each chunk every stream in turn. Why:
+        the per-coordinate constants (θ_0, Krause's a, d, d₀, the Fisher/RMS features: 24 bytes) are shared by
+        the streams; streamed once per stream from DRAM they cost twice θ and ∇L's own traffic, while a 1 MB
+        chunk of them is still in cache when the next stream reads it. Compiled once with a symbolic length
+        (dynamic=True), so every chunk of every tensor reuses it; the first call compiles (seconds to tens of
+        seconds on a CPU).
         """
         ctx = self._context(dyn)
         bias = self._bias1()
@@ -341,14 +402,24 @@ class MetaLearner(nn.Module):
         if getattr(self, name, None) is None:
             setattr(self, name, _compile(self._fused_update_ if stats else self._fused_update_nostats_))
         step = getattr(self, name)
-        loss = loss.reshape(()).to(theta.dtype)
-        out = [step(theta[s : s + n], grad[s : s + n], loss, dyn.theta0[s : s + n],
-                    {key: v[s : s + n] for key, v in ctx.items()}, bias if self.embed is None else bias[k])
-               for k, (s, n) in enumerate(_offsets(dyn.spec.sizes))]
+        rows, grads = (theta[None], grad[None]) if theta.dim() == 1 else (theta, grad)
+        losses = loss.reshape(-1).to(theta.dtype).expand(rows.size(0))  # [B]
+        sums = []
+        for k, (s0, n) in enumerate(_offsets(dyn.spec.sizes)):
+            b1 = bias if self.embed is None else bias[k]
+            acc = theta.new_zeros(3) if stats else None
+            for s in range(s0, s0 + n, chunk):
+                e = min(s + chunk, s0 + n)
+                th0, cx = dyn.theta0[s:e], {key: v[s:e] for key, v in ctx.items()}
+                for b in range(rows.size(0)):
+                    out = step(rows[b, s:e], grads[b, s:e], losses[b], th0, cx, b1)
+                    if stats:
+                        acc += out
+            sums.append(acc)
         if not stats:
             return None
-        sums = torch.stack(out, dim=1)
-        means = sums / torch.tensor(dyn.spec.sizes, dtype=sums.dtype, device=sums.device)
+        means = torch.stack(sums, dim=1) / (rows.size(0) * torch.tensor(dyn.spec.sizes, dtype=theta.dtype,
+                                                                          device=theta.device))
         self.last_gates = {"f": means[0].mean(), "i": means[1].mean(), "z": means[2].mean()}
         return means
 

@@ -56,7 +56,7 @@ from dynlm_pl.dynamic import (
 )
 from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.models.awd_lstm import AWDLSTM, Hidden, detach_hidden
-from dynlm_pl.models.meta_learner import MetaLearner, build_meta_learner
+from dynlm_pl.models.meta_learner import KRAUSE_FORMS, MetaLearner, build_meta_learner
 from dynlm_pl.systems.lm import check_same_data, load_lm
 
 
@@ -403,9 +403,9 @@ def load_fisher_optional(out: Path, lm_sha: str) -> Any | None:
 def gate_config(cfg: DictConfig, has_fisher: bool) -> dict[str, Any]:
     """cfg.gate as a dict; features needing fisher.pt are dropped (with a note) when it is absent."""
     gate = OmegaConf.to_container(cfg.gate, resolve=True)
-    if gate.get("param") == "krause":
-        require(has_fisher, "gate=krause_init starts from Krause's RMS rule, which needs his gradient statistics "
-                "from fisher.pt: run `python train.py stage=fisher` first (or use gate=paper)")
+    if gate.get("param") in KRAUSE_FORMS:
+        require(has_fisher, "gate=krause_init/krause_fast start from Krause's RMS rule, which needs his gradient "
+                "statistics from fisher.pt: run `python train.py stage=fisher` first (or use gate=paper)")
     if not has_fisher:
         drop = [f for f in gate.get("features", []) if f in ("fisher", "rms")]
         if drop:
@@ -456,7 +456,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         lm.kernel = "manual"
     val = corpus.splits["valid"]
     tuned: dict[str, Any] | None = None
-    if gate.get("param") == "krause" and m.get("init_from_tuned", True):
+    if gate.get("param") in KRAUSE_FORMS and m.get("init_from_tuned", True):
         # Start from the TUNED Krause rule: the same grid search and tuned.json evaluate.py uses
         from dynlm_pl.evaluation import tuned_baselines  # lazy: evaluation imports this module
 
@@ -464,11 +464,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # ... whichever tuned best on the validation slice: Krause's RMS rule, or plain SGD (a = −η, no decay)
         if tuned["sgd"]["tune_loss"] < tuned["rms"]["tune_loss"]:
             gate.update(lr=tuned["sgd"]["hparams"]["lr"], lamb=0.0, rms_scale=False)
-            print(f"[meta] gate=krause_init starts from the tuned sgd rule {tuned['sgd']['hparams']} (it beat rms "
-                  "on the validation slice)")
+            print(f"[meta] gate param={gate['param']} starts from the tuned sgd rule {tuned['sgd']['hparams']} (it"
+                  " beat rms on the validation slice)")
         else:
             gate.update(**tuned["rms"]["hparams"], rms_scale=True)
-            print(f"[meta] gate=krause_init starts from the tuned rms rule {tuned['rms']['hparams']}")
+            print(f"[meta] gate param={gate['param']} starts from the tuned rms rule {tuned['rms']['hparams']}")
     dyn = DynamicWeights.build(lm, list(m.dynamic.include), list(m.dynamic.exclude), art)
     module_group = group_size(m.get("checkpoint_group", 0), unroll)
     print(f"[meta] {len(dyn.spec.names)} dynamic tensors, {dyn.spec.numel:,} coordinates; gate={gate['param']}, "
