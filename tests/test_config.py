@@ -161,3 +161,32 @@ def test_debug_fast_limits_every_experiment(experiment: str, compose_cfg) -> Non
     assert eff.max_epochs == 1
     assert eff.limit_train_batches <= 3 and eff.limit_val_batches <= 2
     assert eff.val_check_interval in (None, 1.0)
+
+
+@pytest.mark.parametrize("gate", presets("gate"))
+def test_gate_preset_updates(gate: str, compose_cfg) -> None:
+    """Each gate preset builds a meta-learner whose update (eager and compiled) runs on a tiny LM with fisher.pt's
+    statistics, stays finite and moves θ; the residual forms start exactly at Krause's RMS rule."""
+    from test_meta import fake_fisher, tiny_lm
+
+    from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule
+    from dynlm_pl.models.meta_learner import build_meta_learner
+    from dynlm_pl.systems.meta import gate_config
+
+    g = gate_config(compose_cfg([f"gate={gate}"]), has_fisher=True)
+    model = tiny_lm(30)
+    dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    meta = build_meta_learner(g, len(dyn.spec.names))
+    theta = dyn.theta0 + 1e-3 * torch.randn_like(dyn.theta0)
+    grad, loss = 1e-2 * torch.randn_like(theta), torch.tensor(4.0)
+    outs = []
+    for fused in (False, True):
+        meta.fused = fused
+        th = theta.clone()
+        GateRule(meta, dyn).update_(th, grad, loss)
+        outs.append(th)
+    assert all(bool(torch.isfinite(o).all()) and not torch.equal(o, theta) for o in outs)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    if g["param"] != "paper":
+        krause = RMSRule(dyn, g["lr"], g["lamb"], g["eps"]).update(theta, grad, loss)
+        assert torch.allclose(outs[0], krause, atol=1e-7, rtol=1e-5)
