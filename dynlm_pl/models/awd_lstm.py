@@ -282,13 +282,10 @@ class AWDLSTM(nn.Module):
         raw = x
         out = locked_dropout(raw, self.dropout, self.training)
         w, b = self.encoder.weight, self.decoder_bias  # tied decoder
-        if tie is not None:
-            logits = StreamLinear.apply(out, w, tie) + (b if b.dim() == 1 else b[:, None])
-        elif w.dim() == 2 and b.dim() == 1:
+        if tie is None and w.dim() == 2 and b.dim() == 1:
             logits = F.linear(out, w, b)
-        else:  # per-stream table [B, V, E] and/or bias [B, V]
-            logits = (out @ w.t() if w.dim() == 2 else StreamLinear.apply(out, w)) + \
-                (b if b.dim() == 1 else b[:, None])
+        else:  # per-stream table [B, V, E] and/or bias [B, V], or the lookup's rows to add into w's gradient
+            logits = StreamLinear.apply(out, w, tie) + (b if b.dim() == 1 else b[:, None])
         return LMOutput(logits, new_hidden, raw, out)
 
     def _weights(self) -> list[tuple[str, Tensor]]:
