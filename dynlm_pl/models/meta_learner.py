@@ -197,8 +197,9 @@ class MetaLearner(nn.Module):
                 cols.extend(log_sign(grad))
             elif f == "gnorm":
                 cols.append(softsign(grad * ctx["inv"]))
-            elif f == "dnorm":  # |a| = η/(RMS+ε), or η
-                cols.append(softsign((theta - theta0) / (10.0 * self.coefficients(ctx)[0].abs())))
+            elif f == "dnorm":  # softsign(u/v) = u/(v + |u|) for v = 10|a| > 0: one division, not two
+                u = theta - theta0
+                cols.append(u / (10.0 * self.coefficients(ctx)[0].abs() + u.abs()))
             elif f == "loss":
                 cols.append((loss.reshape(*loss.shape, *([1] * (theta.dim() - loss.dim()))) / 10.0).expand_as(theta))
             else:
@@ -322,25 +323,32 @@ class MetaLearner(nn.Module):
         separate ops): use it compiled only. `bias1` [H]: the first layer's bias for these coordinates.
         """
 
-        def affine(w: Tensor, b: Tensor, xs: list[Tensor]) -> list[Tensor]:
+        def affine(w: Tensor, b: Tensor, xs: list[Tensor], order: Sequence[int]) -> list[Tensor]:
             out = []
             for m in range(w.size(0)):
-                acc = b[m] + w[m, 0] * xs[0]
-                for j in range(1, len(xs)):
+                acc = b[m]
+                for j in order:
                     acc = acc + w[m, j] * xs[j]
                 out.append(acc)
             return out
 
+        # The pass is latency-bound (a chain of ~100 dependent vector ops per 16 coordinates, few in flight at
+        # once): sum the columns read from memory first and the computed ones (gnorm, dnorm: a division each)
+        # last, so that the sum is nearly done when they arrive.
+        late = ("delta", "grad", "gnorm", "dnorm")
+        kinds = [f for f in self.features for _ in range(FEATURE_WIDTH[f])]
+        first = sorted(range(len(cols)), key=lambda j: kinds[j] in late)
         if not len(self.layers):
-            return affine(self.out.weight, bias1, cols)
-        h = [self.act(v) for v in affine(self.layers[0].weight, bias1, cols)]
+            return affine(self.out.weight, bias1, cols, first)
+        h = [self.act(v) for v in affine(self.layers[0].weight, bias1, cols, first)]
         for layer in self.layers[1:]:
-            h = [self.act(v) for v in affine(layer.weight, layer.bias, h)]
-        return affine(self.out.weight, self.out.bias, h)
+            h = [self.act(v) for v in affine(layer.weight, layer.bias, h, range(len(h)))]
+        return affine(self.out.weight, self.out.bias, h, range(len(h)))
 
     def _fused_gated(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
                      bias1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """θ_t of one tensor's coordinates [n] and its gates (f, i, z), as the compiled passes trace them."""
+        """θ_t of one tensor's coordinates [n] (or [B, n]: B streams, loss [B]) and its gates (f, i, z), as the
+        compiled passes trace them."""
         o_f, o_i, o_z = self.mlp_pointwise(self.feature_columns(theta, grad, loss, theta0, ctx), bias1)
         f, i, z = self.to_gates(o_f, o_i, o_z, ctx)
         new = f * theta + i * grad
@@ -390,12 +398,16 @@ class MetaLearner(nn.Module):
         """`apply_` as compiled passes over θ [P] or B streams' θ [B, P] (loss scalar or [B]); the same numbers
         to float rounding. Returns the per-tensor mean gates [3, n_tensors] (over streams), None with `stats=False`.
 
-        Coordinates go in chunks of `chunk` within each tensor, and for each chunk every stream in turn. Why:
-        the per-coordinate constants (θ_0, Krause's a, d, d₀, the Fisher/RMS features: 24 bytes) are shared by
-        the streams; streamed once per stream from DRAM they cost twice θ and ∇L's own traffic, while a 1 MB
-        chunk of them is still in cache when the next stream reads it. Compiled once with a symbolic length
-        (dynamic=True), so every chunk of every tensor reuses it; the first call compiles (seconds to tens of
-        seconds on a CPU).
+        One stream: one call per parameter tensor. B streams: one call per chunk of `chunk` coordinates of a
+        tensor, covering all B rows [B, chunk] (the kernel's loop runs stream by stream within the chunk). Why
+        chunks: the per-coordinate constants (θ_0, 1/(RMS+ε), rate, the Fisher/RMS features: 20 bytes) are shared
+        by the streams; streamed once per stream from DRAM they cost more than θ and ∇L's own traffic, while a
+        1 MB chunk of each is still in cache when the next stream reads it. Why one call for all streams: each
+        call of a compiled function costs ~50-70 µs of guards and wrapper on this CPU, and a call per stream and
+        chunk (47 per stream for model=small) added ~3 ms to each stream's update (bench/results/
+        bench_gate_streams_before.md against bench_gate_streams.md, together with the FMA contraction of `_compile`).
+        Compiled once per input rank with symbolic sizes (dynamic=True); the first call compiles (seconds to tens
+        of seconds on a CPU).
         """
         ctx = self._context(dyn)
         bias = self._bias1()
@@ -403,24 +415,26 @@ class MetaLearner(nn.Module):
         if getattr(self, name, None) is None:
             setattr(self, name, _compile(self._fused_update_ if stats else self._fused_update_nostats_))
         step = getattr(self, name)
-        rows, grads = (theta[None], grad[None]) if theta.dim() == 1 else (theta, grad)
-        losses = loss.reshape(-1).to(theta.dtype).expand(rows.size(0))  # [B]
+        many = theta.dim() == 2 and theta.size(0) > 1
+        rows, grads = (theta, grad) if theta.dim() == 1 or many else (theta[0], grad[0])  # [B, P] or [P]
+        n_rows = theta.size(0) if many else 1
+        losses = loss.reshape(-1).to(theta.dtype).expand(n_rows)  # [B]
+        losses = losses if many else losses[0]
         sums = []
         for k, (s0, n) in enumerate(_offsets(dyn.spec.sizes)):
             b1 = bias if self.embed is None else bias[k]
             acc = theta.new_zeros(3) if stats else None
-            for s in range(s0, s0 + n, chunk):
-                e = min(s + chunk, s0 + n)
-                th0, cx = dyn.theta0[s:e], {key: v[s:e] for key, v in ctx.items()}
-                for b in range(rows.size(0)):
-                    out = step(rows[b, s:e], grads[b, s:e], losses[b], th0, cx, b1)
-                    if stats:
-                        acc += out
+            for s in range(s0, s0 + n, chunk if many else n):
+                e = min(s + chunk, s0 + n) if many else s0 + n
+                out = step(rows[..., s:e], grads[..., s:e], losses, dyn.theta0[s:e],
+                           {key: v[s:e] for key, v in ctx.items()}, b1)
+                if stats:
+                    acc += out
             sums.append(acc)
         if not stats:
             return None
-        means = torch.stack(sums, dim=1) / (rows.size(0) * torch.tensor(dyn.spec.sizes, dtype=theta.dtype,
-                                                                          device=theta.device))
+        means = torch.stack(sums, dim=1) / (n_rows * torch.tensor(dyn.spec.sizes, dtype=theta.dtype,
+                                                                   device=theta.device))
         self.last_gates = {"f": means[0].mean(), "i": means[1].mean(), "z": means[2].mean()}
         return means
 
@@ -432,7 +446,10 @@ def _compile(fn: Any) -> Any:
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(fn, dynamic=True)
+    # fp-contract=fast lets the C++ compiler fuse the pointwise network's multiply-adds into FMAs (inductor's CPU
+    # default is off: a multiply and an add, each rounded). The pass is a long chain of dependent vector ops, so
+    # fewer, shorter ops pay (bench/results/bench_gate_streams.md); the result differs from eager by float rounding.
+    return torch.compile(fn, dynamic=True, options={"cpp.enable_floating_point_contract_flag": "fast"})
 
 
 def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
