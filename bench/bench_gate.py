@@ -3,7 +3,6 @@
     python bench/bench_gate.py [--hidden 0 8 16] [--threads 1] [--repeat 3]
     python bench/bench_gate.py --streams 1 8 16 --params rational --hidden 0   # the evaluation pass per stream
 
-
 `GateRule.update` (meta-training: differentiable, the MLP over all P coordinates at once, [P, k]
 features and [P, H] activations in memory) against `MetaLearner.apply_` (evaluation: 32k-coordinate
 chunks updated in place, activations in cache), with a plain SGD step as the memory-traffic floor.

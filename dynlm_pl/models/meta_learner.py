@@ -332,9 +332,9 @@ class MetaLearner(nn.Module):
                 out.append(acc)
             return out
 
-        # The pass is latency-bound (a chain of ~100 dependent vector ops per 16 coordinates, few in flight at
-        # once): sum the columns read from memory first and the computed ones (gnorm, dnorm: a division each)
-        # last, so that the sum is nearly done when they arrive.
+        # The pass is a chain of ~100 dependent vector ops per 16 coordinates: sum the columns read from memory
+        # first and the computed ones (gnorm, dnorm: a division each) last, so that less of the chain waits on the
+        # divisions (a few % in a scratch timing, within this machine's noise; it changes only rounding order).
         late = ("delta", "grad", "gnorm", "dnorm")
         kinds = [f for f in self.features for _ in range(FEATURE_WIDTH[f])]
         first = sorted(range(len(cols)), key=lambda j: kinds[j] in late)
@@ -403,9 +403,9 @@ class MetaLearner(nn.Module):
         chunks: the per-coordinate constants (θ_0, 1/(RMS+ε), rate, the Fisher/RMS features: 20 bytes) are shared
         by the streams; streamed once per stream from DRAM they cost more than θ and ∇L's own traffic, while a
         1 MB chunk of each is still in cache when the next stream reads it. Why one call for all streams: each
-        call of a compiled function costs ~50-70 µs of guards and wrapper on this CPU, and a call per stream and
-        chunk (47 per stream for model=small) added ~3 ms to each stream's update (bench/results/
-        bench_gate_streams_before.md against bench_gate_streams.md, together with the FMA contraction of `_compile`).
+        call of a compiled function costs ~50-70 µs of guards and wrapper on this CPU (a scratch timing), and a call
+        per stream and chunk meant 47 per stream update for model=small (bench/results/bench_gate_streams_before.md
+        against bench_gate_streams.md measures this change together with the FMA contraction of `_compile`).
         Compiled once per input rank with symbolic sizes (dynamic=True); the first call compiles (seconds to tens
         of seconds on a CPU).
         """
@@ -415,18 +415,19 @@ class MetaLearner(nn.Module):
         if getattr(self, name, None) is None:
             setattr(self, name, _compile(self._fused_update_ if stats else self._fused_update_nostats_))
         step = getattr(self, name)
-        many = theta.dim() == 2 and theta.size(0) > 1
-        rows, grads = (theta, grad) if theta.dim() == 1 or many else (theta[0], grad[0])  # [B, P] or [P]
-        n_rows = theta.size(0) if many else 1
+        if theta.dim() == 2 and theta.size(0) == 1:  # one stream: the 1-D graph
+            theta, grad = theta[0], grad[0]
+        n_rows = theta.size(0) if theta.dim() == 2 else 1
         losses = loss.reshape(-1).to(theta.dtype).expand(n_rows)  # [B]
-        losses = losses if many else losses[0]
+        losses = losses if theta.dim() == 2 else losses[0]
+        span = chunk if n_rows > 1 else max(dyn.spec.sizes)  # one stream: whole tensors
         sums = []
         for k, (s0, n) in enumerate(_offsets(dyn.spec.sizes)):
             b1 = bias if self.embed is None else bias[k]
             acc = theta.new_zeros(3) if stats else None
-            for s in range(s0, s0 + n, chunk if many else n):
-                e = min(s + chunk, s0 + n) if many else s0 + n
-                out = step(rows[..., s:e], grads[..., s:e], losses, dyn.theta0[s:e],
+            for s in range(s0, s0 + n, span):
+                e = min(s + span, s0 + n)
+                out = step(theta[..., s:e], grad[..., s:e], losses, dyn.theta0[s:e],
                            {key: v[s:e] for key, v in ctx.items()}, b1)
                 if stats:
                     acc += out
