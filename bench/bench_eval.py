@@ -2,7 +2,7 @@
 
     python bench/bench_eval.py [--tokens 400] [--segments 5] [--streams 1 4 8 16] [--static-embedding]
                                [--fused] [--threads 2] [--methods static sgd rms meta meta_noflush] [--kernel fused]
-                               [--profile FILE] [--gate krause_init|krause_fast]
+                               [--profile FILE] [--gate krause_init|krause_fast] [--max-drift R]
 
 Random model=small at the WikiText-2 vocabulary (33,278), random tokens, random positive `ms` for the RMS
 rule and the krause_init meta-learner (linear gate, all six features; its cost does not depend on the values;
@@ -49,10 +49,11 @@ GATES = {"krause_init": GATE,  # conf/gate/*.yaml, as the WikiText-2 runs use th
 
 
 def one(method: str, streams: int, segment: int, tokens: int, static_embedding: bool, fused: bool,
-        kernel: str = "fused", profile: str | None = None, gate: str = "krause_init") -> dict:
+        kernel: str = "fused", profile: str | None = None, gate: str = "krause_init",
+        max_drift: float | None = None) -> dict:
     """Run one configuration in this process: tokens/s (per stream-token) and what it touched."""
     from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval
-    from dynlm_pl.evaluation import static_losses
+    from dynlm_pl.evaluation import method_losses, static_losses
     from dynlm_pl.models import AWDLSTM
     from dynlm_pl.models.meta_learner import build_meta_learner
 
@@ -81,7 +82,10 @@ def one(method: str, streams: int, segment: int, tokens: int, static_embedding: 
             adaptive_eval(model, warm, rule, segment, dyn, batch_size=streams)
         t0 = time.perf_counter()
         with torch.no_grad(), _profiled(profile, f"{method} B={streams} segment {segment}"):
-            adaptive_eval(model, data, rule, segment, dyn, batch_size=streams)
+            if max_drift is None:
+                adaptive_eval(model, data, rule, segment, dyn, batch_size=streams)
+            else:  # as evaluate.py runs it: the trust region and ‖θ_t − θ_0‖ recorded after every update
+                method_losses(model, data, rule, segment, dyn, streams, max_drift=max_drift)
     sec = time.perf_counter() - t0
     return {"tokens_per_s": streams * tokens / sec, "p_dyn": dyn.spec.numel, "p_total": total,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -135,6 +139,9 @@ def main() -> None:
     ap.add_argument("--profile", metavar="FILE", help="also profile each timed run, top operators appended to FILE")
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration, the fastest kept (noisy machines)")
     ap.add_argument("--gate", default="krause_init", choices=list(GATES), help="the meta-learner meta/meta_noflush use")
+    ap.add_argument("--max-drift", type=float, metavar="R",
+                    help="time the loop as evaluate.py runs it (evaluation.method_losses): eval.max_drift=R and the "
+                         "drift ‖θ_t − θ_0‖ recorded after every update; default: the bare adaptive_eval loop")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON, in a subprocess
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -149,7 +156,8 @@ def main() -> None:
     fwd = lstm + softmax
     print(f"model=small, {a.threads} threads, load average {os.getloadavg()[0]:.1f}; copy {m['copy_gb_s']:.1f} GB/s, "
           f"softmax matmul {m['matmul_gflop_s']:.1f} GFLOP/s; static embedding: {a.static_embedding}, "
-          f"fused gate: {a.fused}, gate: {a.gate}, kernel: {a.kernel}; best of {a.repeat} run(s) per row\n")
+          f"fused gate: {a.fused}, gate: {a.gate}, kernel: {a.kernel}, max_drift: {a.max_drift}; best of {a.repeat} "
+          "run(s) per row\n")
     print("| method | segment | B | tokens/s | vs static (same B) | cost vs sgd (same B) | vs B=1 | memory roofline "
           "| % | matmul roofline | % | peak RSS (MB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seg in a.segments:
@@ -158,7 +166,8 @@ def main() -> None:
             static = sgd = None
             for meth in a.methods:
                 cfg = dict(method=meth, streams=B, segment=seg, tokens=a.tokens, static_embedding=a.static_embedding,
-                           fused=a.fused, kernel=a.kernel, profile=a.profile, gate=a.gate)
+                           fused=a.fused, kernel=a.kernel, profile=a.profile, gate=a.gate,
+                           max_drift=a.max_drift)
                 cmd = [sys.executable, __file__, "--threads", str(a.threads), "--one", json.dumps(cfg)]
                 runs = [subprocess.run(cmd, capture_output=True, text=True) for _ in range(a.repeat)]
                 if any(o.returncode for o in runs):

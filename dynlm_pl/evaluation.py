@@ -75,6 +75,19 @@ def static_losses(model: AWDLSTM, tokens: Tensor, bptt: int = 70, progress: bool
     return torch.cat(out, dim=1).reshape(-1)
 
 
+def method_losses(lm: AWDLSTM, tokens: Tensor, rule: Rule, segment: int, dyn: DynamicWeights, streams: int = 1,
+                  shared: bool = False, max_drift: float | None = None,
+                  progress: bool = False) -> tuple[Tensor, list[float]]:
+    """What `evaluate` runs for one adaptive method: per-token losses [B·n] in stream order, and ‖θ_t − θ_0‖
+    after every update (the largest over streams when each keeps its own θ): adaptation must stay bounded."""
+    drift: list[float] = []
+    d0 = dyn.theta0
+    lt = adaptive_eval(lm, tokens, rule, segment, dyn, batch_size=streams, shared=shared, max_drift=max_drift,
+                       progress=progress, on_segment=lambda _s, th: drift.append(
+                           float((th.detach() - d0).norm(dim=-1).max()))).view(-1)
+    return lt, drift
+
+
 class RecordingGateRule(GateRule):
     """GateRule that also keeps, every `every` segments, the mean f, i, z of each dynamic tensor [n_tensors].
 
@@ -331,13 +344,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             else:
                 if isinstance(rule, RecordingGateRule):
                     rule.history, rule.n = [], 0
-                drift: list[float] = []  # ‖θ_t − θ_0‖ after every update: adaptation must stay bounded
-                d0 = dyns[m].theta0
-                # ‖θ_t − θ_0‖ (the largest over streams when each keeps its own θ)
-                lt = adaptive_eval(lm, tokens, rule, segment, dyns[m], batch_size=n_streams, shared=shared,
-                                   max_drift=e.get("max_drift"), progress=True,
-                                   on_segment=lambda _s, th, d0=d0, drift=drift: drift.append(
-                                       float((th.detach() - d0).norm(dim=-1).max()))).view(-1)
+                lt, drift = method_losses(lm, tokens, rule, segment, dyns[m], n_streams, shared,
+                                          e.get("max_drift"), progress=True)
                 if m == "meta" and isinstance(rule, RecordingGateRule) and rule.history:
                     gates = torch.stack(rule.history)  # [n_segments, 3, n_tensors]
             sec = time.time() - t0
