@@ -28,8 +28,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from dynlm_pl.common import file_sha256, keep_freed_memory, make_datamodule
-from dynlm_pl.dynamic import DynamicWeights, RMSRule, adaptive_eval
-from dynlm_pl.evaluation import _load_fisher, _meta_rule
+from dynlm_pl.dynamic import DynamicWeights, RMSRule
+from dynlm_pl.evaluation import _load_fisher, _meta_rule, method_losses
 from dynlm_pl.systems.lm import load_lm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,12 +73,9 @@ def main() -> None:
         rules["rms"] = (RMSRule(dyn, h["lr"], h["lamb"], h["eps"]), dyn)
     rows, curves = [], {}
     for name, (rule, dyn) in rules.items():
-        drift: list[float] = []
         t0 = time.time()
-        losses = adaptive_eval(lm, stream, rule, a.segment, dyn, progress=True, max_drift=max_drift,
-                               on_segment=lambda _s, th, d=dyn, out=drift: out.append(float(torch.dist(th, d.theta0))))
+        losses, drift = method_losses(lm, stream, rule, a.segment, dyn, max_drift=max_drift, progress=True)
         sec = time.time() - t0
-        losses = losses.view(-1)
         finite = bool(torch.isfinite(losses).all()) and all(map(math.isfinite, drift))
         blocks = losses[: losses.numel() // 10 * 10].view(10, -1).mean(1).exp().tolist()  # ppl per tenth
         rows.append((name, len(drift), losses.numel(), finite, max(drift), drift[-1], blocks, sec))

@@ -81,10 +81,8 @@ def method_losses(lm: AWDLSTM, tokens: Tensor, rule: Rule, segment: int, dyn: Dy
     """What `evaluate` runs for one adaptive method: per-token losses [B·n] in stream order, and ‖θ_t − θ_0‖
     after every update (the largest over streams when each keeps its own θ): adaptation must stay bounded."""
     drift: list[float] = []
-    d0 = dyn.theta0
     lt = adaptive_eval(lm, tokens, rule, segment, dyn, batch_size=streams, shared=shared, max_drift=max_drift,
-                       progress=progress, on_segment=lambda _s, th: drift.append(
-                           float((th.detach() - d0).norm(dim=-1).max()))).view(-1)
+                       progress=progress, drift=drift).view(-1)
     return lt, drift
 
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from test_meta import fake_fisher
 
 from dynlm_pl.data import batchify, synthetic_corpus
-from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval, score, stream_rows
+from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval, drift_norm, score, stream_rows
 from dynlm_pl.errors import DynlmError
 from dynlm_pl.models.awd_lstm import AWDLSTM, StreamLinear, detach_hidden, lm_loss
 from dynlm_pl.models.meta_learner import build_meta_learner
@@ -358,7 +358,8 @@ def test_shared_theta_eval_equals_an_independent_batch_loop(synthetic_corpus_ses
 @pytest.mark.parametrize("streams", [1, 3])
 def test_max_drift_keeps_theta_on_the_trust_region(synthetic_corpus_session, streams: int) -> None:
     """eval.max_drift: a rule that drifts far (SGD at a large step, no decay) stays within max_drift·‖θ_0‖ after
-    every update, per stream; a radius it never reaches changes nothing."""
+    every update, per stream; a radius it never reaches changes nothing. The drift adaptive_eval records itself
+    (`drift=`, blocked `drift_norm`) is the largest ‖θ_t − θ_0‖ over streams, computed here from θ_t directly."""
     tokens = synthetic_corpus_session.splits["valid"][:303]
     model = _tiny_model(len(synthetic_corpus_session.vocab))
     dyn = DynamicWeights.build(model)
@@ -366,12 +367,15 @@ def test_max_drift_keeps_theta_on_the_trust_region(synthetic_corpus_session, str
 
     def run(max_drift: float | None) -> tuple[torch.Tensor, list[float]]:
         drift: list[float] = []
+        recorded: list[float] = []
 
         def log(_s: int, th: torch.Tensor) -> None:
-            drift.append(float((th.detach() - dyn.theta0).norm(dim=-1).max()))
+            drift.append(float((th.detach().double() - dyn.theta0.double()).norm(dim=-1).max()))
 
         losses = adaptive_eval(model, tokens, SGDRule(2.0), 5, dyn, batch_size=streams, max_drift=max_drift,
-                               on_segment=log)
+                               on_segment=log, drift=recorded)
+        assert len(recorded) == len(drift) > 0
+        assert recorded == pytest.approx(drift, rel=1e-5)
         return losses, drift
 
     free, free_drift = run(None)
@@ -382,6 +386,19 @@ def test_max_drift_keeps_theta_on_the_trust_region(synthetic_corpus_session, str
     assert not torch.allclose(free, capped)  # the bound acted
     wide, _ = run(1e3)
     assert torch.equal(wide, free)
+
+
+def test_drift_norm_in_blocks_equals_the_norm_of_the_difference() -> None:
+    """`drift_norm` sums squares block by block (several blocks here, the last one short): the same ‖θ − θ_0‖ per
+    stream as the norm of the whole difference, for [B, P] and [P]."""
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(5000, generator=g)
+    theta = theta0 + 1e-3 * torch.randn(3, 5000, generator=g)
+    want = (theta.double() - theta0.double()).norm(dim=-1)
+    got = drift_norm(theta, theta0, block=4096)  # 1365 columns per block: 4 blocks
+    assert got.shape == (3,) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(drift_norm(theta[1], theta0, block=1024), want[1], rtol=1e-6, atol=0)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
