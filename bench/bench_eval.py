@@ -2,7 +2,7 @@
 
     python bench/bench_eval.py [--tokens 400] [--segments 5] [--streams 1 4 8 16] [--static-embedding]
                                [--fused] [--threads 2] [--methods static sgd rms meta meta_noflush] [--kernel fused]
-                               [--profile FILE] [--gate krause_init|krause_fast] [--max-drift R]
+                               [--profile FILE] [--gate krause_init|krause_fast] [--max-drift R] [--device cuda]
 
 Random model=small at the WikiText-2 vocabulary (33,278), random tokens, random positive `ms` for the RMS
 rule and the krause_init meta-learner (linear gate, all six features; its cost does not depend on the values;
@@ -11,7 +11,10 @@ transcendental-free form, conf/gate/krause_fast.yaml).
 `--streams B`: B streams with their own θ (eval.streams); `--tokens` is per stream. `--static-embedding`: the
 tied embedding/softmax matrix stays static and shared (meta.dynamic.exclude=[encoder.weight]), as in Krause's
 GPT-2 runs. `--fused`: the meta-learner's update as one compiled pass (eval.fused_gate). Each configuration runs
-in its own subprocess, so peak RSS is its own. Not a test.
+in its own subprocess, so peak RSS is its own. `--device cuda`: model, θ and data on the GPU, the clock read
+after a synchronize, the rooflines from the GPU's own copy and matmul, peak memory the CUDA allocator's; the
+issue's B = 8 ≥ 4x B = 1 check with the embedding static is `--device cuda --streams 1 8 --methods static sgd
+--static-embedding`. Not a test.
 
 Rooflines (per token, per configuration):
   memory: bytes of parameter-sized tensors touched per segment / the measured copy bandwidth. Per segment
@@ -50,7 +53,7 @@ GATES = {"krause_init": GATE,  # conf/gate/*.yaml, as the WikiText-2 runs use th
 
 def one(method: str, streams: int, segment: int, tokens: int, static_embedding: bool, fused: bool,
         kernel: str = "fused", profile: str | None = None, gate: str = "krause_init",
-        max_drift: float | None = None) -> dict:
+        max_drift: float | None = None, device: str = "cpu") -> dict:
     """Run one configuration in this process: tokens/s (per stream-token) and what it touched."""
     from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval
     from dynlm_pl.evaluation import method_losses, static_losses
@@ -58,14 +61,16 @@ def one(method: str, streams: int, segment: int, tokens: int, static_embedding: 
     from dynlm_pl.models.meta_learner import build_meta_learner
 
     torch.manual_seed(0)
-    model = AWDLSTM(V, **SMALL, kernel=kernel).eval().requires_grad_(False)
-    data = torch.randint(0, V, (streams * tokens + 1,))
+    dev = torch.device(device)
+    model = AWDLSTM(V, **SMALL, kernel=kernel).to(dev).eval().requires_grad_(False)
+    data = torch.randint(0, V, (streams * tokens + 1,), device=dev)
 
     ms = {k: torch.rand_like(p) * 1e-6 + 1e-9 for k, p in model.named_parameters()}
     art = SimpleNamespace(ms=ms, fisher=ms)  # the two fields DynamicWeights.build reads from a FisherArtifact
     dyn = DynamicWeights.build(model, exclude=["encoder.weight"] if static_embedding else [], fisher_art=art)
     total = sum(p.numel() for p in model.parameters())
     if method == "static":
+        _sync(dev)
         t0 = time.perf_counter()
         static_losses(model, data, bptt=70, streams=streams)
     else:
@@ -80,15 +85,25 @@ def one(method: str, streams: int, segment: int, tokens: int, static_embedding: 
         warm = data[: streams * 2 * segment + 1]  # first call: compile (fused), allocator warm-up
         with torch.no_grad():
             adaptive_eval(model, warm, rule, segment, dyn, batch_size=streams)
+        _sync(dev)
         t0 = time.perf_counter()
         with torch.no_grad(), _profiled(profile, f"{method} B={streams} segment {segment}"):
             if max_drift is None:
                 adaptive_eval(model, data, rule, segment, dyn, batch_size=streams)
             else:  # as evaluate.py runs it: the trust region and ‖θ_t − θ_0‖ recorded after every update
                 method_losses(model, data, rule, segment, dyn, streams, max_drift=max_drift)
+    _sync(dev)
     sec = time.perf_counter() - t0
-    return {"tokens_per_s": streams * tokens / sec, "p_dyn": dyn.spec.numel, "p_total": total,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    # peak memory: the process's RSS on a CPU, the CUDA allocator's peak on a GPU
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"tokens_per_s": streams * tokens / sec, "p_dyn": dyn.spec.numel, "p_total": total, "rss_mb": peak}
+
+
+def _sync(dev: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a wall-clock interval covers them (CUDA runs asynchronously)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 @contextlib.contextmanager
@@ -107,20 +122,23 @@ def _profiled(path: str | None, title: str) -> Iterator[None]:
         f.write(f"\n### {title}\n\n```\n{table}```\n")
 
 
-def machine() -> dict:
-    """Measured copy bandwidth (bytes read + written per second) and softmax-shaped matmul GFLOP/s."""
-    x = torch.empty(64 << 20)  # 256 MB
+def machine(device: str = "cpu") -> dict:
+    """Measured copy bandwidth (bytes read + written per second) and softmax-shaped matmul GFLOP/s on `device`."""
+    dev = torch.device(device)
+    x = torch.empty(64 << 20, device=dev)  # 256 MB
     x.normal_()
     y = torch.empty_like(x)
-    best = min(_time(lambda: y.copy_(x)) for _ in range(5))
-    a, b = torch.randn(1120, 256), torch.randn(256, V)
-    mm = min(_time(lambda: a @ b) for _ in range(3))
+    best = min(_time(lambda: y.copy_(x), dev) for _ in range(5))
+    a, b = torch.randn(1120, 256, device=dev), torch.randn(256, V, device=dev)
+    mm = min(_time(lambda: a @ b, dev) for _ in range(3))
     return {"copy_gb_s": 2 * x.numel() * 4 / best / 1e9, "matmul_gflop_s": 2 * 1120 * 256 * V / mm / 1e9}
 
 
-def _time(fn) -> float:
+def _time(fn, dev: torch.device) -> float:
+    _sync(dev)
     t0 = time.perf_counter()
     fn()
+    _sync(dev)
     return time.perf_counter() - t0
 
 
@@ -142,6 +160,7 @@ def main() -> None:
     ap.add_argument("--max-drift", type=float, metavar="R",
                     help="time the loop as evaluate.py runs it (evaluation.method_losses): eval.max_drift=R and the "
                          "drift ‖θ_t − θ_0‖ recorded after every update; default: the bare adaptive_eval loop")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the model, θ and the data live")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON, in a subprocess
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -149,17 +168,22 @@ def main() -> None:
     if a.one:
         print(json.dumps(one(**json.loads(a.one))))
         return
-    m = machine()
+    if a.device != "cpu" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {a.device} needs a CUDA build of torch and a GPU, and this machine has none; "
+                 "drop --device")
+    m = machine(a.device)
     # LM FLOPs per token (forward): 2·4H(I+H) per layer + 2·E·V softmax; training-like backward = 2x more
     E, H = SMALL["emb_size"], SMALL["hidden_size"]
     lstm, softmax = 2 * 4 * H * (E + H) + 2 * 4 * E * (H + E), 2 * E * V  # layers E->H and H->E (last = emb)
     fwd = lstm + softmax
-    print(f"model=small, {a.threads} threads, load average {os.getloadavg()[0]:.1f}; copy {m['copy_gb_s']:.1f} GB/s, "
-          f"softmax matmul {m['matmul_gflop_s']:.1f} GFLOP/s; static embedding: {a.static_embedding}, "
+    print(f"model=small, device {a.device}, {a.threads} threads, load average {os.getloadavg()[0]:.1f}; "
+          f"copy {m['copy_gb_s']:.1f} GB/s, softmax matmul {m['matmul_gflop_s']:.1f} GFLOP/s; "
+          f"static embedding: {a.static_embedding}, "
           f"fused gate: {a.fused}, gate: {a.gate}, kernel: {a.kernel}, max_drift: {a.max_drift}; best of {a.repeat} "
           "run(s) per row\n")
     print("| method | segment | B | tokens/s | vs static (same B) | cost vs sgd (same B) | vs B=1 | memory roofline "
-          "| % | matmul roofline | % | peak RSS (MB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| % | matmul roofline | % | peak RSS (MB; GPU: allocator peak) |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seg in a.segments:
         base: dict[str, float] = {}
         for B in a.streams:
@@ -167,7 +191,7 @@ def main() -> None:
             for meth in a.methods:
                 cfg = dict(method=meth, streams=B, segment=seg, tokens=a.tokens, static_embedding=a.static_embedding,
                            fused=a.fused, kernel=a.kernel, profile=a.profile, gate=a.gate,
-                           max_drift=a.max_drift)
+                           max_drift=a.max_drift, device=a.device)
                 cmd = [sys.executable, __file__, "--threads", str(a.threads), "--one", json.dumps(cfg)]
                 runs = [subprocess.run(cmd, capture_output=True, text=True) for _ in range(a.repeat)]
                 if any(o.returncode for o in runs):
