@@ -323,27 +323,21 @@ class MetaLearner(nn.Module):
         separate ops): use it compiled only. `bias1` [H]: the first layer's bias for these coordinates.
         """
 
-        def affine(w: Tensor, b: Tensor, xs: list[Tensor], order: Sequence[int]) -> list[Tensor]:
+        def affine(w: Tensor, b: Tensor, xs: list[Tensor]) -> list[Tensor]:
             out = []
             for m in range(w.size(0)):
                 acc = b[m]
-                for j in order:
+                for j in range(len(xs)):
                     acc = acc + w[m, j] * xs[j]
                 out.append(acc)
             return out
 
-        # The pass is a chain of ~100 dependent vector ops per 16 coordinates: sum the columns read from memory
-        # first and the computed ones (gnorm, dnorm: a division each) last, so that less of the chain waits on the
-        # divisions (a few % in a scratch timing, within this machine's noise; it changes only rounding order).
-        late = ("delta", "grad", "gnorm", "dnorm")
-        kinds = [f for f in self.features for _ in range(FEATURE_WIDTH[f])]
-        first = sorted(range(len(cols)), key=lambda j: kinds[j] in late)
         if not len(self.layers):
-            return affine(self.out.weight, bias1, cols, first)
-        h = [self.act(v) for v in affine(self.layers[0].weight, bias1, cols, first)]
+            return affine(self.out.weight, bias1, cols)
+        h = [self.act(v) for v in affine(self.layers[0].weight, bias1, cols)]
         for layer in self.layers[1:]:
-            h = [self.act(v) for v in affine(layer.weight, layer.bias, h, range(len(h)))]
-        return affine(self.out.weight, self.out.bias, h, range(len(h)))
+            h = [self.act(v) for v in affine(layer.weight, layer.bias, h)]
+        return affine(self.out.weight, self.out.bias, h)
 
     def _fused_gated(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
                      bias1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -403,9 +397,9 @@ class MetaLearner(nn.Module):
         chunks: the per-coordinate constants (θ_0, 1/(RMS+ε), rate, the Fisher/RMS features: 20 bytes) are shared
         by the streams; streamed once per stream from DRAM they cost more than θ and ∇L's own traffic, while a
         1 MB chunk of each is still in cache when the next stream reads it. Why one call for all streams: each
-        call of a compiled function costs ~50-70 µs of guards and wrapper on this CPU (a scratch timing), and a call
-        per stream and chunk meant 47 per stream update for model=small (bench/results/bench_gate_streams_before.md
-        against bench_gate_streams.md measures this change together with the FMA contraction of `_compile`).
+        call of a compiled function pays dynamo's guards and wrapper, and a call per stream and chunk meant 47 per
+        stream update for model=small (bench/results/bench_gate_streams_before.md against bench_gate_streams.md
+        measures this change together with the FMA contraction of `_compile`).
         Compiled once per input rank with symbolic sizes (dynamic=True); the first call compiles (seconds to tens
         of seconds on a CPU).
         """
