@@ -5,12 +5,15 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from dynlm_pl.evaluation import run
-from dynlm_pl.stages import check_config, cli, main_guard
+from dynlm_pl.cli import cli, main_guard
+from dynlm_pl.config import check_config
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    # Imported here, not at the top: a bad command line is refused before torch and Lightning load.
+    from dynlm_pl.evaluation import run
+
     main_guard(lambda: run(check_config(cfg)))
 
 

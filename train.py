@@ -5,11 +5,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from dynlm_pl.stages import cli, main_guard, run_stages
+from dynlm_pl.cli import cli, main_guard
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    # Imported here, not at the top: a bad command line is refused before torch and Lightning load.
+    from dynlm_pl.pipeline import run_stages
+
     main_guard(lambda: run_stages(cfg))
 
 

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dynlm_pl.common import keep_freed_memory
+from dynlm_pl.cli import keep_freed_memory
 
 SMALL = dict(emb_size=256, hidden_size=512, num_layers=2)
 V = 33278
@@ -55,10 +55,11 @@ def one(method: str, streams: int, segment: int, tokens: int, static_embedding: 
         kernel: str = "fused", profile: str | None = None, gate: str = "krause_init",
         max_drift: float | None = None, device: str = "cpu") -> dict:
     """Run one configuration in this process: tokens/s (per stream-token) and what it touched."""
-    from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval
-    from dynlm_pl.evaluation import method_losses, static_losses
+    from dynlm_pl.meta.learner import build_meta_learner
+    from dynlm_pl.meta.rules import GateRule, RMSRule, SGDRule
+    from dynlm_pl.meta.scoring import adaptive_eval, method_losses, static_losses
+    from dynlm_pl.meta.weights import DynamicWeights
     from dynlm_pl.models import AWDLSTM
-    from dynlm_pl.models.meta_learner import build_meta_learner
 
     torch.manual_seed(0)
     dev = torch.device(device)

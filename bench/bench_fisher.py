@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", default=None, help="an lm.ckpt to use instead of a random model=small")
-    ap.add_argument("--data", default=os.environ.get("DYNLM_DATA", "/work/shared/data/wikitext-2"))
+    ap.add_argument("--data", default=os.environ.get("DYNLM_DATA", "data/wikitext-2"))
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--estimators", default="batch_ms,empirical")
     ap.add_argument("--seed", type=int, default=1111)
@@ -36,7 +36,7 @@ def main() -> None:
     fcfg = OmegaConf.load(ROOT / "conf/fisher/default.yaml")
     tokens = load_wikitext2(args.data).splits["train"]
     if args.ckpt:
-        from dynlm_pl.systems.lm import load_lm
+        from dynlm_pl.artifacts import load_lm
 
         model, _ = load_lm(args.ckpt)
         what = f"LM checkpoint {args.ckpt}"

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from dynlm_pl.common import keep_freed_memory
-from dynlm_pl.dynamic import DynamicWeights, GateRule
+from dynlm_pl.cli import keep_freed_memory
+from dynlm_pl.meta.learner import MetaLearner
+from dynlm_pl.meta.rules import GateRule
+from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import AWDLSTM
-from dynlm_pl.models.meta_learner import MetaLearner
 
 FEATURES = ["theta", "delta", "grad", "loss", "fisher", "rms"]
 # per parametrization where it differs (param rational = conf/gate/krause_fast.yaml: no exp/log features)

@@ -29,16 +29,16 @@ import sys
 import time
 from pathlib import Path
 
-from dynlm_pl.systems.meta import group_size
+from dynlm_pl.meta.unroll import group_size
 
 CHILD = r"""
 import json, resource, sys, time, torch
 from omegaconf import OmegaConf
-from dynlm_pl.common import keep_freed_memory
-from dynlm_pl.dynamic import DynamicWeights
+from dynlm_pl.cli import keep_freed_memory
+from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models.awd_lstm import AWDLSTM
 from dynlm_pl.systems.meta import MetaTrainModule
-from dynlm_pl.systems.meta import group_size
+from dynlm_pl.meta.unroll import group_size
 unroll, mode, steps, threads, cap, hidden = int(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:7])
 fused, ck = sys.argv[7] == "1", mode != "off"
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -59,10 +59,10 @@ m.meta.fused = fused
 if fused:  # compile outside the timed region: one short unroll (nested: in groups of 2, both update paths)
     keep = dict(m.hparams)
     m.hparams.unroll, m.hparams.checkpoint_group = 4, 2 if mode == "nested" else 0
-    loss = m.unroll(torch.randint(0, 33278, (1, 4 * 5 + 1)), 0, *m.initial_state(1))[0]
+    loss = m.unroll(torch.randint(0, 33278, (1, 4 * 5 + 1)), None, *m.initial_state(1))[0]
     loss.backward()
     m.hparams.update(keep)
-from dynlm_pl.evaluation import static_losses
+from dynlm_pl.meta.scoring import static_losses
 data = torch.randint(0, 33278, (2001,))
 static_losses(model, data[:141], bptt=70)
 t0 = time.perf_counter()
@@ -83,7 +83,7 @@ t0 = time.perf_counter()
 try:
     for s in range(steps):
         chunk = torch.randint(0, 33278, (1, unroll * 5 + 1))
-        loss, theta, hidden, n = m.unroll(chunk, 0, theta, hidden)
+        loss, theta, hidden, n = m.unroll(chunk, None, theta, hidden)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true", help="meta.fused_gate: the compiled update")
     ap.add_argument("--modes", nargs="+", default=["nested", "step", "off"], choices=["nested", "step", "off"])
     ap.add_argument("--keep-freed", action="store_true",
-                    help="glibc as train.py sets it (dynlm_pl.common.keep_freed_memory) instead of RSS = live memory")
+                    help="glibc as train.py sets it (dynlm_pl.cli.keep_freed_memory) instead of RSS = live memory")
     args = ap.parse_args()
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ} if args.keep_freed else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -27,10 +27,13 @@ import matplotlib.pyplot as plt
 import torch
 from hydra import compose, initialize_config_dir
 
-from dynlm_pl.common import file_sha256, keep_freed_memory, make_datamodule
-from dynlm_pl.dynamic import DynamicWeights, RMSRule
-from dynlm_pl.evaluation import _load_fisher, _meta_rule, method_losses
-from dynlm_pl.systems.lm import load_lm
+from dynlm_pl.artifacts import load_fisher_optional, load_lm, load_meta_for
+from dynlm_pl.cli import keep_freed_memory
+from dynlm_pl.files import file_sha256
+from dynlm_pl.meta.rules import RecordingGateRule, build_rule
+from dynlm_pl.meta.scoring import method_losses
+from dynlm_pl.meta.weights import DynamicWeights
+from dynlm_pl.runtime import make_datamodule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,15 +65,16 @@ def main() -> None:
         stream = text.repeat(math.ceil(need / text.numel()))[:need]
     lm, _ = load_lm(a.run / "lm.ckpt")
     lm_sha = file_sha256(a.run / "lm.ckpt")
-    art = _load_fisher(a.run, lm_sha)
-    meta_rule, meta_dyn = _meta_rule(a.run / "meta.ckpt", lm, lm_sha, art)
-    meta_rule.gates.fused = a.fused
+    art = load_fisher_optional(a.run, lm_sha)
+    meta, meta_dyn = load_meta_for(a.run / "meta.ckpt", lm, lm_sha, art)
+    meta_rule = RecordingGateRule(meta, meta_dyn)
+    meta.fused = a.fused
     rules = {"meta": (meta_rule, meta_dyn)} if "meta" in a.rules else {}
     tuned = a.run / "tuned.json"
     if "rms" in a.rules and tuned.is_file() and art is not None:
         h = json.loads(tuned.read_text())["best"]["rms"]["hparams"]
         dyn = DynamicWeights.build(lm, fisher_art=art)
-        rules["rms"] = (RMSRule(dyn, h["lr"], h["lamb"], h["eps"]), dyn)
+        rules["rms"] = (build_rule("rms", h, dyn), dyn)
     rows, curves = [], {}
     for name, (rule, dyn) in rules.items():
         t0 = time.time()

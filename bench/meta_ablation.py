@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from dynlm_pl.common import make_datamodule
-from dynlm_pl.data import batchify
-from dynlm_pl.dynamic import DynamicWeights, adaptive_eval
-from dynlm_pl.fisher import load_fisher
-from dynlm_pl.systems.lm import load_lm
-from dynlm_pl.systems.meta import MetaTrainModule, article_reset_mask
+from dynlm_pl.artifacts import load_fisher, load_lm
+from dynlm_pl.data import MetaCut
+from dynlm_pl.meta.scoring import adaptive_eval
+from dynlm_pl.meta.weights import DynamicWeights
+from dynlm_pl.runtime import make_datamodule
+from dynlm_pl.systems.meta import MetaTrainModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +54,8 @@ def main() -> None:
     torch.manual_seed(a.seed)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=["experiment=smoke", *a.overrides])
-    corpus = make_datamodule(cfg).load()
-    val, test = corpus.splits["valid"], corpus.splits["test"]
+    dm = make_datamodule(cfg).use(MetaCut(a.data, a.unroll, 5, 1, a.sel, not a.no_article_reset))
+    test, sel = dm.load().splits["test"], dm.selection_slice()
     lm, _ = load_lm(a.run / "lm.ckpt")
     dyn = DynamicWeights.build(lm, fisher_art=load_fisher(a.run / "fisher.pt"))
     tuned = json.loads((a.run / "tuned.json").read_text())["best"]
@@ -64,35 +64,28 @@ def main() -> None:
     init = dict(rms, rms_scale=True) if start == "rms" else dict(lr=rms["lr"], lamb=0.0, rms_scale=False)
     gate = dict(param="krause", hidden=[a.hidden] if a.hidden else [], activation="tanh",
                 features=a.feats.split(","), embed_dim=4, flush=True, clamp=5.0, **init)
-    if a.data == "train":
-        src, arts = corpus.splits["train"], corpus.articles["train"]
-    else:
-        src, arts = val[a.sel:], [(o - a.sel, t) for o, t in corpus.articles["valid"] if o >= a.sel]
-    stream = batchify(src, 1)
-    mask = None if a.no_article_reset else article_reset_mask(arts, 1, stream.size(1), 5)
-    sel = val[: a.sel]
-    mod = MetaTrainModule(lm, dyn, gate, segment=5, unroll=a.unroll, order=a.order, reset_every=a.reset,
-                          lr=a.lr, train_streams=stream, reset_mask=mask, val_tokens=sel)
+    mod = MetaTrainModule(lm, dyn, gate, segment=5, unroll=a.unroll, order=a.order, reset_every=a.reset, lr=a.lr)
     opt = torch.optim.Adam(mod.meta.parameters(), lr=a.lr)
-    print(f"{vars(a)}\nstep 0: selection ppl {math.exp(mod.adaptive_loss()):.2f} (= tuned {start} {rms})", flush=True)
+    print(f"{vars(a)}\nstep 0: selection ppl {math.exp(mod.adaptive_loss(sel)):.2f} (= tuned {start} {rms})",
+          flush=True)
     step, n_unrolls, theta, hidden, t0 = 0, 0, None, None, time.time()
     while step < a.steps:
-        for chunk, first in mod.train_dataloader():
+        for chunk, resets in dm.train_dataloader():
             if theta is None or (a.reset and n_unrolls % a.reset == 0):
                 theta, h0 = mod.initial_state(1)
                 hidden = h0 if hidden is None else hidden
-            loss, theta, hidden, _ = mod.unroll(chunk, int(first), theta, hidden)
+            loss, theta, hidden, _ = mod.unroll(chunk, resets, theta, hidden)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(mod.meta.parameters(), 1.0)
             opt.step()
-            theta, hidden = theta.detach(), [(h.detach(), c.detach()) for h, c in hidden]
+            theta, hidden = theta.detach(), lm.detach_state(hidden)
             n_unrolls += 1
             step += 1
             if step % a.every == 0:
                 g = {k: round(float(v), 4) for k, v in mod.meta.last_gates.items()}
                 print(f"step {step} ({time.time() - t0:.0f}s): meta-loss {loss.item():.3f}, selection ppl "
-                      f"{math.exp(mod.adaptive_loss()):.2f}, mean gates {g}", flush=True)
+                      f"{math.exp(mod.adaptive_loss(sel)):.2f}, mean gates {g}", flush=True)
             if step >= a.steps:
                 break
     print(f"test ppl {math.exp(float(adaptive_eval(lm, test, mod.rule, 5, dyn).mean())):.2f}")

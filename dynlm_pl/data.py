@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from dynlm_pl.errors import DynlmError, require
+from dynlm_pl.files import atomic_write, atomic_write_bytes, atomic_write_text
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -141,7 +142,7 @@ def _download_hf(root: Path) -> None:
         local = hf_hub_download(HF_REPO, HF_FILES[s], repo_type="dataset")
         rows = pq.read_table(local, columns=["text"]).column("text").to_pylist()
         # One row per line of the original file, empty rows included; each keeps its trailing newline.
-        _atomic_write_text(root / f"{s}.txt", "".join(r if r.endswith("\n") else r + "\n" for r in rows))
+        atomic_write_text(root / f"{s}.txt", "".join(r if r.endswith("\n") else r + "\n" for r in rows))
 
 
 def _download_mirror(root: Path, url: str = MIRROR_URL) -> None:
@@ -150,7 +151,7 @@ def _download_mirror(root: Path, url: str = MIRROR_URL) -> None:
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
         for s in SPLITS:
             name = next(n for n in z.namelist() if n.endswith(f"wiki.{s}.tokens"))
-            _atomic_write_bytes(root / f"{s}.txt", z.read(name))
+            atomic_write_bytes(root / f"{s}.txt", z.read(name))
 
 
 def download_wikitext2(root: Path) -> None:
@@ -168,16 +169,6 @@ def download_wikitext2(root: Path) -> None:
         f"Fix: put train.txt/valid.txt/test.txt (or wiki.*.tokens) there, set DYNLM_DATA=/path/to/wikitext-2, "
         f"or run once with network access (pip install 'dynlm[hf]' for the HF hub)"
     )
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def default_data_root() -> Path:
@@ -223,10 +214,9 @@ def load_wikitext2(root: str | Path | None = None, cache_dir: str | Path | None 
         corpus = build_corpus({s: read_lines(files[s]) for s in SPLITS}, source)
         try:
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-            torch.save({"vocab": corpus.vocab, "splits": corpus.splits,
-                        "articles": {s: [list(a) for a in v] for s, v in corpus.articles.items()}}, tmp)
-            os.replace(tmp, cached)
+            blob = {"vocab": corpus.vocab, "splits": corpus.splits,
+                    "articles": {s: [list(a) for a in v] for s, v in corpus.articles.items()}}
+            atomic_write(cached, lambda tmp: torch.save(blob, tmp))
         except OSError:
             pass  # an unwritable cache only costs time
     if verify:
@@ -306,6 +296,65 @@ def batchify(data: Tensor, n_streams: int) -> Tensor:
     return data[: n * n_streams].view(n_streams, n)
 
 
+def stream_rows(tokens: Tensor, n_streams: int) -> Tensor:
+    """[N] -> [B, n+1], n = (N−1)//B: row b reads tokens b·n .. b·n+n, so consecutive rows overlap by one
+    token and every target 1..B·n is scored exactly once (row-major order = stream order). How evaluation reads a
+    split as B streams."""
+    n = (tokens.numel() - 1) // n_streams
+    require(n >= 1, f"{tokens.numel()} tokens cannot fill {n_streams} streams; lower eval.streams")
+    return tokens[: n_streams * n + 1].unfold(0, n + 1, n)
+
+
+def segments(n: int, segment: int) -> list[tuple[int, int]]:
+    """(start, length) of consecutive segments covering positions 0..n-2 of a row of n tokens (the last is
+    shorter): the inputs of the segments dynamic evaluation scores and then adapts on."""
+    return [(i, min(segment, n - 1 - i)) for i in range(0, n - 1, segment)]
+
+
+def shard_streams(streams: Tensor, rank: int, world: int) -> Tensor:
+    """Rank r's own contiguous block of streams: no sampler, no reordering, equal length on every rank."""
+    require(streams.size(0) % world == 0,
+            f"{streams.size(0)} streams cannot be split evenly over {world} processes; "
+            "make the batch size a multiple of the number of devices")
+    per = streams.size(0) // world
+    return streams[rank * per : (rank + 1) * per]
+
+
+def rank_world(trainer: Any) -> tuple[int, int]:
+    """(global rank, world size) of a Lightning trainer; (0, 1) without one."""
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
+def fisher_streams(tokens: Tensor, n_tokens: int | None, batch_size: int, seed: int) -> Tensor:
+    """The global [batch_size, L] streams the Fisher pass reads: `n_tokens` targets in all (about).
+
+    A contiguous slice of the split starting at an offset drawn from `seed` (the whole split when
+    `n_tokens` is None/0 or larger than it), cut into `batch_size` contiguous streams; each stream
+    scores L - 1 targets.
+    """
+    require(batch_size >= 1, f"fisher batch size must be a positive number of streams, got {batch_size}")
+    n = tokens.numel()
+    if not n_tokens or (n_tokens // batch_size + 1) * batch_size > n:
+        return batchify(tokens, batch_size)
+    require(n_tokens >= batch_size, f"fisher.tokens={n_tokens} is fewer than one token per stream "
+            f"(batch {batch_size}); raise fisher.tokens or lower the batch size")
+    length = n_tokens // batch_size + 1
+    g = torch.Generator().manual_seed(seed)
+    offset = int(torch.randint(0, n - length * batch_size + 1, (1,), generator=g))
+    return tokens[offset : offset + length * batch_size].view(batch_size, length)
+
+
+def article_reset_mask(articles: list[tuple[int, str]], n_streams: int, stream_len: int, segment: int) -> Tensor:
+    """[B, n_segments] bool: an article starts among the input tokens of segment j of stream b."""
+    n_seg = math.ceil(stream_len / segment)
+    mask = torch.zeros(n_streams, n_seg, dtype=torch.bool)
+    for off, _ in articles:
+        b, p = divmod(off, stream_len)
+        if b < n_streams and p > 0:
+            mask[b, p // segment] = True
+    return mask
+
+
 class StreamWindows(IterableDataset):
     """Windows (x, y) of shape [B, T] in stream order; y is x shifted by one token.
 
@@ -348,20 +397,66 @@ class StreamWindows(IterableDataset):
         return len(self.lengths(self.epoch))
 
 
-def shard_streams(streams: Tensor, rank: int, world: int) -> Tensor:
-    """Rank r's own contiguous block of streams: no sampler, no reordering, equal length on every rank."""
-    require(streams.size(0) % world == 0,
-            f"{streams.size(0)} streams cannot be split evenly over {world} processes; "
-            "make the batch size a multiple of the number of devices")
-    per = streams.size(0) // world
-    return streams[rank * per : (rank + 1) * per]
+class UnrollChunks(IterableDataset):
+    """Meta-training batches: (chunk [B, U·M + 1], resets [B, U]) for consecutive unrolls of `streams` [B, N].
+
+    resets[b, k]: an article starts among the inputs of segment k of the chunk in stream b (from `reset_mask`
+    [B, n_segments], or never). `start` (tokens per stream) > 0 only for a run resumed mid-pass: the tokens before
+    it were read before the checkpoint.
+    """
+
+    def __init__(self, streams: Tensor, unroll: int, segment: int, reset_mask: Tensor | None = None,
+                 start: int = 0) -> None:
+        self.streams, self.unroll, self.segment, self.start = streams, unroll, segment, start
+        self.span = unroll * segment
+        self.reset_mask = reset_mask
+        require(streams.size(1) > self.span + 1, f"the training stream ({streams.size(1)} tokens per stream) is "
+                f"shorter than one unroll ({self.span} tokens); lower unroll, meta.segment or meta.streams")
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for s in range(self.start, self.streams.size(1) - self.span - 1 + 1, self.span):
+            first = s // self.segment
+            resets = torch.zeros(self.streams.size(0), self.unroll, dtype=torch.bool) if self.reset_mask is None \
+                else self.reset_mask[:, first : first + self.unroll]
+            yield self.streams[:, s : s + self.span + 1], resets
+
+
+# ----------------------------------------------------------------------------------------------------
+# The DataModule: one corpus, cut for the stage that reads it
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FisherCut:
+    """`test_dataloader` reads windows of `window` tokens from `batch_size` streams over `tokens` of `split`."""
+
+    split: str
+    tokens: int | None
+    batch_size: int
+    window: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class MetaCut:
+    """`train_dataloader` reads unroll chunks of `streams` streams of the meta-training text (the training split,
+    or the validation split past the selection slice); `val_dataloader` the selection slice, the first
+    `val_tokens` of the validation split (None: all of it), as one batch."""
+
+    source: str
+    unroll: int
+    segment: int
+    streams: int
+    val_tokens: int | None
+    reset_at_articles: bool = False
 
 
 class WikiText2DataModule(L.LightningDataModule):
     """The one DataModule of every stage: WikiText-2 (`source=wikitext2`) or the synthetic corpus.
 
-    Batches are (x, y) int64 [B, T] windows of `B` contiguous streams. `batch_size` is global: under
-    DDP each rank reads its own `batch_size / world_size` streams.
+    By default (the LM stage) batches are (x, y) int64 [B, T] windows of `B` contiguous streams; `batch_size` is
+    global: under DDP each rank reads its own `batch_size / world_size` streams. `use(FisherCut(...))` and
+    `use(MetaCut(...))` cut the same corpus for the Fisher pass and for meta-training.
     """
 
     def __init__(self, source: str = "wikitext2", root: str | None = None, cache_dir: str | None = None,
@@ -381,9 +476,12 @@ class WikiText2DataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.test_batch_size = batch_size, eval_batch_size, test_batch_size
         self.bptt, self.variable_bptt, self.seed = bptt, variable_bptt, seed
         self.corpus: Corpus | None = None
-        # Set when a run resumes mid-epoch (LMPretrainModule.on_load_checkpoint): the next training loader
-        # starts after the windows already trained on, where Lightning would restart a plain loader's stream.
+        self.cut: FisherCut | MetaCut | None = None  # None: the LM stage's windows
+        # Set when a run resumes mid-epoch (the LightningModule's on_load_checkpoint): the next training loader
+        # starts after what was already trained on (LM: windows; meta: tokens per stream), where Lightning would
+        # restart a plain loader's stream.
         self.skip_train_batches = 0
+        self.skip_tokens = 0
 
     def load(self) -> Corpus:
         """The corpus, loaded once (callable before the Trainer exists: models need the vocab size)."""
@@ -408,9 +506,16 @@ class WikiText2DataModule(L.LightningDataModule):
         return len(self.load().vocab)
 
     def _rank_world(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+        return rank_world(self.trainer)
 
+    def use(self, cut: FisherCut | MetaCut) -> WikiText2DataModule:
+        """Cut the corpus for the Fisher pass or meta-training (checked now, before any trainer starts)."""
+        if isinstance(cut, MetaCut):
+            self._check_meta(cut)
+        self.cut = cut
+        return self
+
+    # -- LM pretraining ----------------------------------------------------------------------------------
     def streams(self, split: str, n_streams: int) -> Tensor:
         """This rank's [n_streams / world, N] block of the split's contiguous streams."""
         return shard_streams(batchify(self.load().splits[split], n_streams), *self._rank_world())
@@ -421,17 +526,77 @@ class WikiText2DataModule(L.LightningDataModule):
             # Window lengths are drawn per epoch: a loader rebuilt each epoch (the trainer config reloads
             # them so len() stays exact) or after a resume continues the same sequence of draws.
             ds.epoch = self.trainer.current_epoch
-        # A private generator: creating an iterator draws a seed, which from the global generator would shift
-        # every later dropout mask, so a resumed run (which creates its iterators at other times) would differ.
-        return DataLoader(ds, batch_size=None, num_workers=0, generator=torch.Generator())
+        return _private(ds)
 
     def train_dataloader(self) -> DataLoader:
+        if isinstance(self.cut, MetaCut):
+            return self._meta_loader(self.cut)
         loader = self._loader("train", self.batch_size, self.variable_bptt)
         loader.dataset.skip, self.skip_train_batches = self.skip_train_batches, 0
         return loader
 
     def val_dataloader(self) -> DataLoader:
+        if isinstance(self.cut, MetaCut):  # validation reads the whole selection slice itself: one "batch"
+            return DataLoader([self.selection_slice()], batch_size=None)
         return self._loader("valid", self.eval_batch_size, False)
 
     def test_dataloader(self) -> DataLoader:
+        if isinstance(self.cut, FisherCut):
+            c = self.cut
+            streams = fisher_streams(self.load().splits[c.split], c.tokens, c.batch_size, c.seed)  # global [B, L]
+            return DataLoader(StreamWindows(shard_streams(streams, *self._rank_world()), c.window), batch_size=None)
         return self._loader("test", self.test_batch_size, False)
+
+    # -- meta-training ---------------------------------------------------------------------------------
+    def _n_selection(self, cut: MetaCut) -> int:
+        valid = self.load().splits["valid"]
+        return int(cut.val_tokens) if cut.val_tokens else valid.numel()
+
+    def selection_slice(self) -> Tensor:
+        """The first `val_tokens` of the validation split: φ and the baselines are compared on it."""
+        require(isinstance(self.cut, MetaCut), "selection_slice() needs use(MetaCut(...)) first")
+        return self.load().splits["valid"][: self._n_selection(self.cut)]
+
+    def _meta_text(self, cut: MetaCut) -> tuple[Tensor, list[tuple[int, str]]]:
+        """The stream φ learns from and its article starts: the training split, or the validation split past the
+        selection slice (the LM has fitted its training text, so adaptation there can teach a rule that held-out
+        text punishes)."""
+        corpus = self.load()
+        if cut.source == "train":
+            return corpus.splits["train"], corpus.articles["train"]
+        n_sel = self._n_selection(cut)
+        return corpus.splits["valid"][n_sel:], [(o - n_sel, t) for o, t in corpus.articles["valid"] if o >= n_sel]
+
+    def _check_meta(self, cut: MetaCut) -> None:
+        require(cut.source in ("train", "valid"), f"meta.data must be train or valid, got {cut.source!r}")
+        if cut.source == "valid":
+            n_sel, n = self._n_selection(cut), self.load().splits["valid"].numel()
+            require(n - n_sel > 2 * cut.unroll * cut.segment * cut.streams, f"meta.data=valid trains on the "
+                    f"validation split past its first meta.val_tokens={n_sel} tokens, and {n - n_sel} are left; "
+                    "lower meta.val_tokens")
+
+    def meta_streams(self) -> tuple[Tensor, Tensor | None]:
+        """All ranks' meta-training streams [B, N] and their article-reset mask [B, n_segments] (or None)."""
+        cut = self.cut
+        require(isinstance(cut, MetaCut), "meta_streams() needs use(MetaCut(...)) first")
+        text, articles = self._meta_text(cut)
+        streams = batchify(text, cut.streams)
+        mask = article_reset_mask(articles, cut.streams, streams.size(1), cut.segment) if cut.reset_at_articles \
+            else None
+        return streams, mask
+
+    def _meta_loader(self, cut: MetaCut) -> DataLoader:
+        # Under DDP each rank reads its own contiguous block of the B streams (meta.streams is global): with
+        # equal tokens per rank, DDP's gradient average equals one process's per-token mean over all B.
+        streams, mask = self.meta_streams()
+        rank, world = self._rank_world()
+        mine = None if mask is None else shard_streams(mask, rank, world)
+        chunks = UnrollChunks(shard_streams(streams, rank, world), cut.unroll, cut.segment, mine, self.skip_tokens)
+        self.skip_tokens = 0
+        return _private(chunks)
+
+
+def _private(ds: IterableDataset) -> DataLoader:
+    """A loader with a private generator: creating an iterator draws a seed, which from the global generator would
+    shift every later dropout mask, so a resumed run (which creates its iterators at other times) would differ."""
+    return DataLoader(ds, batch_size=None, num_workers=0, generator=torch.Generator())

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,90 +32,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from tqdm import tqdm
 
-from dynlm_pl import report
-from dynlm_pl.common import atomic_write_text, file_sha256, make_datamodule, run_dir
-from dynlm_pl.data import UNK, Corpus, StreamWindows, article_index, batchify, read_lines
-from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, Rule, SGDRule, adaptive_eval, stream_rows
+from dynlm_pl import artifacts, report
+from dynlm_pl.data import UNK, Corpus, article_index, read_lines
 from dynlm_pl.errors import DynlmError, require
-from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
-from dynlm_pl.systems.lm import check_same_data, load_lm
+from dynlm_pl.files import atomic_write_text, file_sha256
+from dynlm_pl.fisher import FisherArtifact
+from dynlm_pl.meta.rules import RecordingGateRule, Rule, build_rule
+from dynlm_pl.meta.scoring import method_losses, static_losses
+from dynlm_pl.meta.weights import DynamicWeights
+from dynlm_pl.models import Backbone
+from dynlm_pl.runtime import make_datamodule, run_dir, tuned_baselines
 
 METHODS = ("static", "sgd", "rms", "meta_noflush", "meta")
-
-
-@torch.no_grad()
-def static_eval(model: AWDLSTM, tokens: Tensor, batch_size: int = 1, bptt: int = 70,
-                progress: bool = False) -> tuple[float, int]:
-    """Summed loss and tokens scored of `model` (eval mode) over `tokens` [N] read as streams."""
-    model.eval()
-    streams = batchify(tokens, batch_size)
-    hidden, total, n = model.init_hidden(batch_size), 0.0, 0
-    for x, y in tqdm(StreamWindows(streams, bptt), disable=not progress, desc="static", leave=False):
-        out = model(x, hidden)
-        hidden = detach_hidden(out.hidden)
-        total += lm_loss(out.logits, y, reduction="sum").item()
-        n += y.numel()
-    return total, n
-
-
-@torch.no_grad()
-def static_losses(model: AWDLSTM, tokens: Tensor, bptt: int = 70, progress: bool = False,
-                  streams: int = 1) -> Tensor:
-    """Per-token losses of the static LM over `tokens` read as `streams` rows (`stream_rows`), flat in
-    stream order: [N-1] for one stream, the same targets as `adaptive_eval` for B."""
-    model.eval()
-    rows = stream_rows(tokens, streams)
-    hidden, out = model.init_hidden(streams), []
-    for x, y in tqdm(StreamWindows(rows, bptt), disable=not progress, desc="static", leave=False):
-        o = model(x, hidden)
-        hidden = detach_hidden(o.hidden)
-        out.append(lm_loss(o.logits, y, reduction="none").view(streams, -1))
-    return torch.cat(out, dim=1).reshape(-1)
-
-
-def method_losses(lm: AWDLSTM, tokens: Tensor, rule: Rule, segment: int, dyn: DynamicWeights, streams: int = 1,
-                  shared: bool = False, max_drift: float | None = None,
-                  progress: bool = False) -> tuple[Tensor, list[float]]:
-    """What `evaluate` runs for one adaptive method: per-token losses [B·n] in stream order, and ‖θ_t − θ_0‖
-    after every update (the largest over streams when each keeps its own θ): adaptation must stay bounded."""
-    drift: list[float] = []
-    lt = adaptive_eval(lm, tokens, rule, segment, dyn, batch_size=streams, shared=shared, max_drift=max_drift,
-                       progress=progress, drift=drift).view(-1)
-    return lt, drift
-
-
-class RecordingGateRule(GateRule):
-    """GateRule that also keeps, every `every` segments, the mean f, i, z of each dynamic tensor [n_tensors].
-
-    Why not every segment: under eval.fused_gate the sums cost ~30% of the update (`MetaLearner.fused_apply_`);
-    the gate plot needs far fewer points than there are segments (thousands per split).
-    """
-
-    def __init__(self, gates: torch.nn.Module, dyn: DynamicWeights, every: int = 10) -> None:
-        super().__init__(gates, dyn)
-        self.every, self.n = every, 0
-        self.history: list[Tensor] = []  # each [3, n_tensors]
-
-    def update(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
-        f, i, z = self.gates(theta, grad, loss, self.dyn)
-        sizes = self.dyn.spec.sizes
-        z_ = torch.zeros_like(theta) if z is None else z
-
-        def per_tensor(g: Tensor) -> Tensor:
-            return torch.stack([t.mean() for t in g.expand_as(theta).split(sizes, dim=-1)])
-
-        self.history.append(torch.stack([per_tensor(f), per_tensor(i), per_tensor(z_)]).cpu())
-        return self.combine(theta, grad, f, i, z)
-
-    def update_(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
-        # the in-place update returns these very means (segments 0, every, 2·every, ...)
-        means = self.apply_(theta, grad, loss, stats=self.n % self.every == 0)
-        self.n += 1
-        if means is not None:
-            self.history.append(means.cpu())
-        return theta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,112 +52,10 @@ class RecordingGateRule(GateRule):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _load_fisher(out: Path, lm_sha: str) -> Any | None:
-    if not (out / "fisher.pt").is_file():
-        return None
-    from dynlm_pl.fisher import load_fisher
-
-    return load_fisher(out / "fisher.pt", lm_sha256=lm_sha)
-
-
-def _meta_rule(path: Path, lm: AWDLSTM, lm_sha: str, art: Any | None) -> tuple[RecordingGateRule, DynamicWeights]:
-    from dynlm_pl.systems.meta import load_meta
-
-    meta, hp = load_meta(path, lm_sha256=lm_sha)
-    # The Fisher/RMS features and Krause's coefficients are read from fisher.pt: φ was trained on one
-    fisher_sha = (hp.get("provenance") or {}).get("fisher_sha256")
-    now_sha = file_sha256(path.parent / "fisher.pt") if art is not None else None
-    require(fisher_sha is None or fisher_sha == now_sha,
-            f"{path} was meta-trained with another fisher.pt than {path.parent / 'fisher.pt'} "
-            f"({'absent now' if now_sha is None else 'recomputed since'}); rerun `python train.py stage=meta`")
-    dyn_cfg = (hp.get("provenance") or {}).get("dynamic") or {"include": ["*"], "exclude": []}
-    dyn = DynamicWeights.build(lm, dyn_cfg["include"], dyn_cfg["exclude"], art)
-    require(list(dyn.spec.names) == list(hp["dynamic_names"]),
-            f"{path} adapts other parameters than this LM has; rerun `python train.py stage=meta`")
+def _meta_rule(path: Path, lm: Backbone, lm_sha: str,
+               art: FisherArtifact | None) -> tuple[RecordingGateRule, DynamicWeights]:
+    meta, dyn = artifacts.load_meta_for(path, lm, lm_sha, art)
     return RecordingGateRule(meta, dyn), dyn
-
-
-def tune(lm: AWDLSTM, tokens: Tensor, dyn: DynamicWeights, segment: int, grid: DictConfig,
-         methods: list[str], max_drift: float | None = None) -> dict[str, dict[str, Any]]:
-    """Grid search of `sgd` lr and `rms` (lr, λ) on `tokens` (a validation slice), then a pattern search
-    around the grid's best (`grid.refine` rounds): lowest loss wins.
-
-    Why the refinement: a coarse grid whose best sits on its edge or between two points would hand the
-    meta-learner, which tunes its rule continuously, an easy win over a baseline nobody tuned properly.
-    """
-    best: dict[str, dict[str, Any]] = {}
-    spaces: dict[str, list[dict[str, float]]] = {}
-    if "sgd" in methods:
-        spaces["sgd"] = [{"lr": float(lr)} for lr in grid.sgd_lr]
-    if "rms" in methods and dyn.ms is not None:
-        spaces["rms"] = [{"lr": float(a), "lamb": float(b), "eps": float(grid.rms_eps)}
-                         for a, b in itertools.product(grid.rms_lr, grid.rms_lamb)]
-    for method, space in spaces.items():
-        trials: list[dict[str, float]] = []
-
-        def loss_of(hp: dict[str, float], method: str = method, trials: list = trials) -> float:
-            for t in trials:  # memoized: the pattern search revisits points
-                if all(math.isclose(t[k], v, rel_tol=1e-9) for k, v in hp.items()):
-                    return t["loss"]
-            rule = SGDRule(hp["lr"]) if method == "sgd" else RMSRule(dyn, hp["lr"], hp["lamb"], hp["eps"])
-            loss = float(adaptive_eval(lm, tokens, rule, segment, dyn, max_drift=max_drift).mean())
-            trials.append({**hp, "loss": loss if math.isfinite(loss) else math.inf})
-            return trials[-1]["loss"]
-
-        for hp in tqdm(space, desc=f"tune {method}", leave=False):
-            loss_of(hp)
-        top = min(trials, key=lambda t: t["loss"])
-        hp = pattern_search({k: v for k, v in top.items() if k != "loss"}, loss_of,
-                            ["lr"] if method == "sgd" else ["lr", "lamb"], float(grid.get("refine_step", 3.0)),
-                            int(grid.get("refine", 0)))
-        best[method] = {"hparams": hp, "tune_loss": loss_of(hp), "trials": trials}
-        print(f"[evaluate] tuned {method} on {tokens.numel()} validation tokens ({len(trials)} trials): "
-              f"{best[method]['hparams']} (ppl {math.exp(best[method]['tune_loss']):.2f})")
-    return best
-
-
-def pattern_search(hp: dict[str, float], loss_of: Any, keys: list[str], step: float, rounds: int,
-                   max_moves: int = 4) -> dict[str, float]:
-    """Coordinate search in log space: move each key by ×step (or ÷step) while the loss falls, up to
-    `max_moves` times (past the grid's edge too), then take √step; `rounds` times. Zero stays zero."""
-    best, best_loss = dict(hp), loss_of(hp)
-    for _ in range(rounds):
-        for k in keys:
-            if best[k] <= 0:
-                continue
-            for f in (step, 1.0 / step):
-                moved = 0
-                while moved < max_moves:
-                    cand = {**best, k: best[k] * f}
-                    loss = loss_of(cand)
-                    if not loss < best_loss:
-                        break
-                    best, best_loss, moved = cand, loss, moved + 1
-                if moved:  # it went this way: the other way was worse already
-                    break
-        step = math.sqrt(step)
-    return best
-
-
-def tuned_baselines(cfg: DictConfig, out: Path, lm: AWDLSTM, valid: Tensor, dyn: DynamicWeights, lm_sha: str,
-                    methods: list[str]) -> dict[str, dict[str, Any]]:
-    """tuned.json for this LM, segment and grid if it exists, else tune now and store it."""
-    t = cfg.eval.tune
-    max_drift = cfg.eval.get("max_drift")
-    key = {"lm_sha256": lm_sha, "segment": int(cfg.eval.segment), "tokens": int(t.tokens),
-           "grid": OmegaConf.to_container(t, resolve=True), "max_drift": max_drift}
-    path = out / "tuned.json"
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-            if stored.get("key") == key and all(m in stored["best"] for m in methods):
-                print(f"[evaluate] reusing tuned baselines from {path}")
-                return stored["best"]
-        except (json.JSONDecodeError, KeyError):
-            pass  # unreadable: tune again and replace it
-    best = tune(lm, valid[: int(t.tokens)], dyn, int(cfg.eval.segment), t, methods, max_drift)
-    atomic_write_text(path, json.dumps({"key": key, "best": best}, indent=2))
-    return best
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,118 +77,143 @@ def _textfile(cfg: DictConfig, vocab: list[str]) -> tuple[dict[str, Tensor], dic
     return {"text": tokens}, {"text": article_index(lines)}, corpus
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    out = run_dir(cfg)
-    e = cfg.eval
-    lm_path = out / "lm.ckpt"
-    lm, hp = load_lm(lm_path)
-    lm_sha = file_sha256(lm_path)
+@dataclass
+class Methods:
+    """Each method's rule (None: static) and dynamic weights, the methods skipped and why, the tuned baselines'
+    hyperparameters, and the hashes of the artifacts read."""
+
+    rules: dict[str, Rule | None] = field(default_factory=dict)
+    dyns: dict[str, DynamicWeights] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+def _texts(cfg: DictConfig, lm_path: Path,
+           prov: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, list], Corpus, list[str], Tensor | None]:
+    """(tokens per split, article starts per split, corpus, splits to evaluate, validation split or None)."""
     if cfg.data.source == "textfile":
-        require(hp.get("vocab"), f"{lm_path} does not carry its vocabulary; retrain it with this version")
-        splits_t, articles, corpus = _textfile(cfg, hp["vocab"])
-        splits = ["text"]
-        valid = None
-    else:
-        corpus = make_datamodule(cfg).load()
-        check_same_data(hp, corpus.vocab_hash, f"the LM in {lm_path}")
-        splits_t, articles, splits = corpus.splits, corpus.articles, list(e.splits)
-        for s in splits:
-            require(s in ("valid", "test"), f"eval.splits has {s!r}; use valid and/or test")
-        valid = corpus.splits["valid"]
-    methods = list(e.methods)
-    unknown = [m for m in methods if m not in METHODS]
+        require(prov.get("vocab"), f"{lm_path} does not carry its vocabulary; retrain it with this version")
+        splits_t, articles, corpus = _textfile(cfg, prov["vocab"])
+        return splits_t, articles, corpus, ["text"], None
+    corpus = make_datamodule(cfg).load()
+    artifacts.check_same_data(prov, corpus.vocab_hash, f"the LM in {lm_path}")
+    splits = list(cfg.eval.splits)
+    for s in splits:
+        require(s in ("valid", "test"), f"eval.splits has {s!r}; use valid and/or test")
+    return corpus.splits, corpus.articles, corpus, splits, corpus.splits["valid"]
+
+
+def _check_eval(e: DictConfig) -> None:
+    unknown = [m for m in e.methods if m not in METHODS]
     require(not unknown, f"eval.methods has unknown {unknown}; choose from {', '.join(METHODS)}")
     limit = e.get("max_tokens")
     require(limit is None or int(limit) >= 2, f"eval.max_tokens must be >= 2 (or null for whole splits), got {limit}")
-    segment = int(e.segment)
-    require(segment >= 1, f"eval.segment must be a positive number of tokens, got {segment}")
-    n_streams, shared = int(e.get("streams", 1)), bool(e.get("shared_theta", False))
-    require(n_streams >= 1, f"eval.streams must be a positive integer, got {n_streams}")
+    require(int(e.segment) >= 1, f"eval.segment must be a positive number of tokens, got {int(e.segment)}")
+    require(int(e.get("streams", 1)) >= 1, f"eval.streams must be a positive integer, got {e.get('streams')}")
 
-    art = _load_fisher(out, lm_sha)
-    rules: dict[str, Rule | None] = {}
-    dyns: dict[str, DynamicWeights] = {}
-    notes: dict[str, str] = {}
+
+def _methods(cfg: DictConfig, out: Path, lm: Backbone, lm_sha: str, valid: Tensor | None) -> Methods:
+    """The rules of eval.methods: meta.ckpt / meta_noflush.ckpt loaded, sgd and rms tuned (tuned.json)."""
+    e, ms = cfg.eval, Methods(hashes={"lm.ckpt": lm_sha})
+    art = artifacts.load_fisher_optional(out, lm_sha)
     base_dyn = DynamicWeights.build(lm, fisher_art=art)
-    hashes = {"lm.ckpt": lm_sha}
     if art is not None:
-        hashes["fisher.pt"] = file_sha256(out / "fisher.pt")
-    for m in methods:
-        if m == "static":
-            rules[m] = None
-        elif m == "rms" and art is None:
-            notes[m] = "skipped: needs fisher.pt (python train.py stage=fisher)"
+        ms.hashes["fisher.pt"] = file_sha256(out / "fisher.pt")
+    for m in e.methods:
+        path = out / f"{m}.ckpt"
+        if m == "rms" and art is None:
+            ms.notes[m] = "skipped: needs fisher.pt (python train.py stage=fisher)"
+        elif m in ("meta", "meta_noflush") and not path.is_file():
+            ms.notes[m] = f"skipped: no {path.name} (python train.py stage=meta" + \
+                (" gate.flush=false)" if m == "meta_noflush" else ")")
         elif m in ("meta", "meta_noflush"):
-            path = out / f"{m}.ckpt"
-            if not path.is_file():
-                notes[m] = f"skipped: no {path.name} (python train.py stage=meta" + \
-                    (" gate.flush=false)" if m == "meta_noflush" else ")")
-                continue
-            rules[m], dyns[m] = _meta_rule(path, lm, lm_sha, art)
-            rules[m].gates.fused = bool(e.get("fused_gate", False))  # one compiled pass over θ per update
-            hashes[path.name] = file_sha256(path)
+            ms.rules[m], ms.dyns[m] = _meta_rule(path, lm, lm_sha, art)
+            ms.rules[m].gates.fused = bool(e.get("fused_gate", False))  # one compiled pass over θ per update
+            ms.hashes[path.name] = file_sha256(path)
         else:
-            rules[m] = None  # built after tuning
-    for m, why in notes.items():
+            ms.rules[m] = None  # static; sgd and rms are built after tuning
+    for m, why in ms.notes.items():
         print(f"[evaluate] {m}: {why}")
-    tuned: dict[str, dict[str, Any]] = {}
-    need_tune = [m for m in ("sgd", "rms") if m in rules]
+    need_tune = [m for m in ("sgd", "rms") if m in ms.rules]
     if need_tune:
         require(valid is not None, "tuning sgd/rms needs the validation split: evaluate a text file with "
                 "eval.methods=[static,meta] or run on the corpus the LM was trained on first")
-        tuned = tuned_baselines(cfg, out, lm, valid, base_dyn, lm_sha, need_tune)
-        if "sgd" in rules:
-            rules["sgd"], dyns["sgd"] = SGDRule(tuned["sgd"]["hparams"]["lr"]), base_dyn
-        if "rms" in rules:
-            h = tuned["rms"]["hparams"]
-            rules["rms"], dyns["rms"] = RMSRule(base_dyn, h["lr"], h["lamb"], h["eps"]), base_dyn
+        ms.tuned = tuned_baselines(cfg, out, lm, valid, base_dyn, lm_sha, need_tune)
+        for m in need_tune:
+            ms.rules[m], ms.dyns[m] = build_rule(m, ms.tuned[m]["hparams"], base_dyn), base_dyn
+    return ms
 
+
+def _score_method(cfg: DictConfig, lm: Backbone, tokens: Tensor, m: str, rule: Rule | None,
+                  dyn: DynamicWeights | None) -> tuple[np.ndarray, list[float] | None, Tensor | None, float]:
+    """Per-token losses of one method over `tokens`, its drift record (None for static), its gate history
+    [n_points, 3, n_tensors] (meta only) and the seconds it took."""
+    e = cfg.eval
+    t0, drift, gates = time.time(), None, None
+    if rule is None:
+        lt = static_losses(lm, tokens, int(cfg.data.bptt), progress=True, streams=int(e.get("streams", 1)))
+    else:
+        if isinstance(rule, RecordingGateRule):
+            rule.history, rule.n = [], 0
+        lt, drift = method_losses(lm, tokens, rule, int(e.segment), dyn, int(e.get("streams", 1)),
+                                  bool(e.get("shared_theta", False)), e.get("max_drift"), progress=True)
+        if m == "meta" and isinstance(rule, RecordingGateRule) and rule.history:
+            gates = torch.stack(rule.history)
+    return lt.double().cpu().numpy(), drift, gates, time.time() - t0
+
+
+def _evaluate_split(cfg: DictConfig, out: Path, lm: Backbone, ms: Methods, split: str, tokens: Tensor,
+                    articles: list[tuple[int, str]], corpus: Corpus) -> dict[str, Any]:
+    """Every method over one split: its results row per method, and the split's files (losses, CSV, plots)."""
+    losses: dict[str, np.ndarray] = {}
+    rows: dict[str, list[dict]] = {}
+    res: dict[str, Any] = {}
+    gates: Tensor | None = None
+    for m, rule in ms.rules.items():
+        arr, drift, g, sec = _score_method(cfg, lm, tokens, m, rule, ms.dyns.get(m))
+        gates = g if g is not None else gates
+        require(np.isfinite(arr).all(), f"{m} produced non-finite losses on {split}; lower its learning rate")
+        losses[m], rows[m] = arr, report.per_article(arr, articles)
+        res[m] = {"ppl": math.exp(arr.mean()), "loss": float(arr.mean()), "tokens": int(arr.size),
+                  "tokens_per_s": arr.size / sec, "seconds": sec, "hparams": ms.tuned.get(m, {}).get("hparams", {})}
+        if drift is not None:
+            require(all(map(math.isfinite, drift)), f"{m} drove the weights to inf/NaN on {split}")
+            res[m]["theta_drift_max"], res[m]["theta_drift_final"] = max(drift, default=0.0), \
+                (drift[-1] if drift else 0.0)
+        print(f"[evaluate] {split} {m:>12}: ppl {res[m]['ppl']:8.2f}  ({arr.size / sec:,.0f} tok/s)", flush=True)
+    _write_split(out, out / "plots", split, tokens, corpus.vocab, articles, losses, rows, gates, ms.dyns.get("meta"),
+                 int(cfg.eval.html_articles), int(cfg.eval.smooth))
+    return res
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """`python evaluate.py`: every method of eval.methods over eval.splits -> results.json, results.md and the
+    per-split files in the run directory."""
+    out = run_dir(cfg)
+    e = cfg.eval
+    lm_path = out / "lm.ckpt"
+    lm, prov = artifacts.load_lm(lm_path)
+    lm_sha = file_sha256(lm_path)
+    splits_t, articles, corpus, splits, valid = _texts(cfg, lm_path, prov)
+    _check_eval(e)
+    ms = _methods(cfg, out, lm, lm_sha, valid)
+    n_streams, limit = int(e.get("streams", 1)), e.get("max_tokens")
     results: dict[str, Any] = {
-        "protocol": {"streams": n_streams, "theta": "shared" if shared and n_streams > 1 else "per stream",
-                     "segment": segment, "order": "score then update", "max_tokens": limit,
+        "protocol": {"streams": n_streams, "theta": "shared" if e.get("shared_theta") and n_streams > 1
+                     else "per stream", "segment": int(e.segment), "order": "score then update", "max_tokens": limit,
                      "ppl": "exp(total loss / tokens scored)", "static_window": int(cfg.data.bptt),
                      "max_drift": e.get("max_drift")},
-        "checkpoints": hashes, "data": {"source": corpus.source, "vocab": corpus.vocab_hash},
-        "skipped": notes, "splits": {}}
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
+        "checkpoints": ms.hashes, "data": {"source": corpus.source, "vocab": corpus.vocab_hash},
+        "skipped": ms.notes, "splits": {}}
+    (out / "plots").mkdir(exist_ok=True)
     for split in splits:
-        tokens = splits_t[split]
+        tokens, arts = splits_t[split], articles[split]
         if limit is not None and tokens.numel() > int(limit):  # a prefix: every method reads the same tokens
             tokens = tokens[: int(limit)]
-            articles[split] = [(o, t) for o, t in articles[split] if o < tokens.numel()]
+            arts = [(o, t) for o, t in arts if o < tokens.numel()]
             print(f"[evaluate] {split}: first {tokens.numel():,} tokens (eval.max_tokens)")
-        losses: dict[str, np.ndarray] = {}
-        rows: dict[str, list[dict]] = {}
-        res: dict[str, Any] = {}
-        gates: Tensor | None = None
-        for m, rule in rules.items():
-            t0 = time.time()
-            if rule is None:
-                lt = static_losses(lm, tokens, int(cfg.data.bptt), progress=True, streams=n_streams)
-            else:
-                if isinstance(rule, RecordingGateRule):
-                    rule.history, rule.n = [], 0
-                lt, drift = method_losses(lm, tokens, rule, segment, dyns[m], n_streams, shared,
-                                          e.get("max_drift"), progress=True)
-                if m == "meta" and isinstance(rule, RecordingGateRule) and rule.history:
-                    gates = torch.stack(rule.history)  # [n_segments, 3, n_tensors]
-            sec = time.time() - t0
-            arr = lt.double().cpu().numpy()
-            require(np.isfinite(arr).all(), f"{m} produced non-finite losses on {split}; lower its learning rate")
-            losses[m] = arr
-            rows[m] = report.per_article(arr, articles[split])
-            res[m] = {"ppl": math.exp(arr.mean()), "loss": float(arr.mean()), "tokens": int(arr.size),
-                      "tokens_per_s": arr.size / sec, "seconds": sec,
-                      "hparams": tuned.get(m, {}).get("hparams", {})}
-            if rule is not None:
-                require(all(map(math.isfinite, drift)), f"{m} drove the weights to inf/NaN on {split}")
-                res[m]["theta_drift_max"], res[m]["theta_drift_final"] = max(drift, default=0.0), \
-                    (drift[-1] if drift else 0.0)
-            print(f"[evaluate] {split} {m:>12}: ppl {res[m]['ppl']:8.2f}  ({arr.size / sec:,.0f} tok/s)", flush=True)
-        results["splits"][split] = res
-        _write_split(out, plots, split, tokens, corpus.vocab, articles[split], losses, rows, gates,
-                     dyns.get("meta"), int(e.html_articles), int(e.smooth))
+        results["splits"][split] = _evaluate_split(cfg, out, lm, ms, split, tokens, arts, corpus)
     md = _markdown(results)
     results["markdown"] = md
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))

@@ -23,7 +23,7 @@ Two estimators, both with dropout off (model.eval()) and the hidden state carrie
 The scale of F depends on what an example is (a longer window averages more tokens into ℓ_n, so its
 squared gradient is smaller); EWC's λ absorbs it, as in Kirkpatrick et al.
 
-DDP: the global streams are cut once and each rank reads its own contiguous block (`shard_streams`).
+DDP: the global streams are cut once and each rank reads its own contiguous block (`data.shard_streams`).
 Sums of squares, example and token counts are all-reduced and divided by the global count; batch_ms
 all-reduces each mini-batch gradient first (the global batch gradient is the mean of the ranks'
 equal-sized local ones), so one process and several give the same F up to float rounding.
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,17 +42,15 @@ from torch import Tensor
 from torch.func import functional_call
 from tqdm import tqdm
 
-from dynlm_pl.common import atomic_torch_save
-from dynlm_pl.data import StreamWindows, batchify
-from dynlm_pl.errors import DynlmError, require
+from dynlm_pl.data import StreamWindows, fisher_streams, shard_streams
+from dynlm_pl.errors import require
 from dynlm_pl.models.awd_lstm import AWDLSTM, Hidden, detach_hidden, lm_loss
 
 ESTIMATORS = ("empirical", "batch_ms")
-FORMAT = "dynlm-fisher/1"
 
 
 # ----------------------------------------------------------------------------------------------------
-# The artifact
+# The posterior (fisher.pt holds it: dynlm_pl.artifacts)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -72,32 +69,6 @@ class FisherArtifact:
         mv = lambda d: {k: v.to(device) for k, v in d.items()}
         return FisherArtifact(mv(self.theta0), mv(self.fisher), mv(self.ms), self.estimator, self.tokens,
                               self.lm_sha256, dict(self.meta))
-
-
-def save_fisher(art: FisherArtifact, path: str | Path) -> None:
-    """Write atomically (temp file + rename): a reader sees the old file or the whole new one."""
-    atomic_torch_save({"format": FORMAT, "theta0": art.theta0, "fisher": art.fisher, "ms": art.ms,
-                       "estimator": art.estimator, "tokens": int(art.tokens), "lm_sha256": art.lm_sha256,
-                       "meta": art.meta}, path)
-
-
-def load_fisher(path: str | Path, lm_sha256: str | None = None) -> FisherArtifact:
-    """Read a fisher.pt; refuse a missing or corrupt file, or one made from another LM checkpoint."""
-    path = Path(path)
-    require(path.is_file(), f"no Fisher artifact at {path}; run `python train.py stage=fisher` first")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        require(isinstance(blob, dict) and blob.get("format") == FORMAT, "")
-        art = FisherArtifact(blob["theta0"], blob["fisher"], blob["ms"], blob["estimator"], blob["tokens"],
-                             blob["lm_sha256"], blob["meta"])
-        require(art.theta0.keys() == art.fisher.keys() == art.ms.keys(), "")
-    except Exception:
-        raise DynlmError(f"Fisher artifact {path} is corrupt or not a fisher.pt; delete it and rerun "
-                         "`python train.py stage=fisher`") from None
-    require(lm_sha256 is None or art.lm_sha256 == lm_sha256,
-            f"Fisher artifact {path} was made from another LM checkpoint (sha256 {art.lm_sha256[:12]}, "
-            f"expected {lm_sha256[:12] if lm_sha256 else ''}); rerun `python train.py stage=fisher`")
-    return art
 
 
 def ewc_penalty(params: dict[str, Tensor], art: FisherArtifact, lam: float) -> Tensor:
@@ -123,25 +94,6 @@ def log_prior(params: dict[str, Tensor], art: FisherArtifact) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Estimation
 # ----------------------------------------------------------------------------------------------------
-
-
-def fisher_streams(tokens: Tensor, n_tokens: int | None, batch_size: int, seed: int) -> Tensor:
-    """The global [batch_size, L] streams the estimate reads: `n_tokens` targets in all (about).
-
-    A contiguous slice of the split starting at an offset drawn from `seed` (the whole split when
-    `n_tokens` is None/0 or larger than it), cut into `batch_size` contiguous streams; each stream
-    scores L - 1 targets.
-    """
-    require(batch_size >= 1, f"fisher batch size must be a positive number of streams, got {batch_size}")
-    n = tokens.numel()
-    if not n_tokens or (n_tokens // batch_size + 1) * batch_size > n:
-        return batchify(tokens, batch_size)
-    require(n_tokens >= batch_size, f"fisher.tokens={n_tokens} is fewer than one token per stream "
-            f"(batch {batch_size}); raise fisher.tokens or lower the batch size")
-    length = n_tokens // batch_size + 1
-    g = torch.Generator().manual_seed(seed)
-    offset = int(torch.randint(0, n - length * batch_size + 1, (1,), generator=g))
-    return tokens[offset : offset + length * batch_size].view(batch_size, length)
 
 
 def _per_example_sq(params: dict[str, Tensor], x: Tensor, y: Tensor, hidden: Hidden,
@@ -290,10 +242,7 @@ def estimate_fisher(model: AWDLSTM, tokens: Tensor, estimator: str, n_tokens: in
     """
     require(window >= 1, f"fisher window must be a positive number of tokens, got {window}")
     streams = fisher_streams(tokens, n_tokens, batch_size, seed)
-    require(streams.size(0) % world == 0, f"{streams.size(0)} Fisher streams cannot be split evenly over "
-            f"{world} processes; make the batch size a multiple of the number of devices")
-    per = streams.size(0) // world
-    mine = streams[rank * per : (rank + 1) * per].to(next(model.parameters()).device)
+    mine = shard_streams(streams, rank, world).to(next(model.parameters()).device)
     acc = FisherAccumulator(model, estimator, world)
     windows = StreamWindows(mine, window)
     for x, y in tqdm(windows, total=len(windows), disable=not progress or rank != 0, desc=f"fisher {estimator}",

@@ -14,8 +14,8 @@ import torch
 from conftest import CONF_DIR, compose_config
 from omegaconf import DictConfig, OmegaConf
 
-from dynlm_pl.common import make_loggers
-from dynlm_pl.systems import lm as lm_mod
+from dynlm_pl.runtime import make_loggers
+from dynlm_pl.stages import lm as lm_mod
 
 
 def presets(group: str) -> list[str]:
@@ -125,13 +125,13 @@ def test_experiment_preset_trains(experiment: str, compose_cfg, tmp_path: Path, 
     assert Path(cfg.paths.run_dir).name == experiment
     if cfg.data.source == "wikitext2":  # the real data at full vocabulary went through the model
         ckpt = torch.load(Path(cfg.paths.run_dir) / "lm.ckpt", map_location="cpu", weights_only=False)
-        assert ckpt["hyper_parameters"]["vocab_size"] == 33_278
+        assert ckpt["vocab_size"] == 33_278
         assert metrics["val_ppl"] > 100
 
 
 @pytest.mark.parametrize("stage", [s for s in presets("stage") if s != "lm"])
 def test_other_stage_presets_name_a_known_stage(stage: str, compose_cfg) -> None:
-    from dynlm_pl.stages import PIPELINE, STAGES
+    from dynlm_pl.pipeline import PIPELINE, STAGES
 
     cfg = compose_cfg([f"stage={stage}"])
     assert cfg.stage == "all" or cfg.stage in STAGES
@@ -140,7 +140,7 @@ def test_other_stage_presets_name_a_known_stage(stage: str, compose_cfg) -> None
 
 @pytest.mark.parametrize("experiment", [None, *presets("experiment")])
 def test_every_pipeline_names_known_stages(experiment: str | None, compose_cfg) -> None:
-    from dynlm_pl.stages import stage_config, stage_fn
+    from dynlm_pl.pipeline import stage_config, stage_fn
 
     cfg = compose_cfg(["stage=all"] + ([f"experiment={experiment}"] if experiment else []))
     assert list(cfg.pipeline)[-1] == "evaluate"
@@ -169,9 +169,10 @@ def test_gate_preset_updates(gate: str, compose_cfg) -> None:
     statistics, stays finite and moves θ; the residual forms start exactly at Krause's RMS rule."""
     from test_meta import fake_fisher, tiny_lm
 
-    from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule
-    from dynlm_pl.models.meta_learner import build_meta_learner
-    from dynlm_pl.systems.meta import gate_config
+    from dynlm_pl.meta.learner import build_meta_learner
+    from dynlm_pl.meta.rules import GateRule, RMSRule
+    from dynlm_pl.meta.weights import DynamicWeights
+    from dynlm_pl.stages.meta import gate_config
 
     g = gate_config(compose_cfg([f"gate={gate}"]), has_fisher=True)
     model = tiny_lm(30)

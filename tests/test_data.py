@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from dynlm_pl import data as dyn_data
-from dynlm_pl.common import make_datamodule, make_trainer
 from dynlm_pl.data import (
     EOS,
     SPLITS,
@@ -33,6 +32,7 @@ from dynlm_pl.data import (
     shard_streams,
 )
 from dynlm_pl.errors import DynlmError
+from dynlm_pl.runtime import make_datamodule, make_trainer
 
 # ----------------------------------------------------------------------------------------------------
 # helpers

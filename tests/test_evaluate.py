@@ -11,12 +11,15 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from dynlm_pl import evaluation, report
-from dynlm_pl.dynamic import DynamicWeights, SGDRule, adaptive_eval
+from dynlm_pl import evaluation, report, runtime
+from dynlm_pl.artifacts import load_lm
 from dynlm_pl.errors import DynlmError
-from dynlm_pl.systems import fisher as fisher_stage
-from dynlm_pl.systems import lm as lm_stage
-from dynlm_pl.systems.lm import load_lm
+from dynlm_pl.meta.rules import SGDRule
+from dynlm_pl.meta.scoring import adaptive_eval, static_losses
+from dynlm_pl.meta.tuning import pattern_search
+from dynlm_pl.meta.weights import DynamicWeights
+from dynlm_pl.stages import fisher as fisher_stage
+from dynlm_pl.stages import lm as lm_stage
 
 # A small corpus and short grids: the point is the protocol and the outputs, not the tuning.
 OVERRIDES = [
@@ -43,7 +46,7 @@ def test_sgd_with_zero_lr_equals_static(evaluated: tuple[DictConfig, dict, Path]
     _, _, out = evaluated
     lm, _ = load_lm(out / "lm.ckpt")
     tokens = torch.randint(0, lm.vocab_size, (203,))
-    static = evaluation.static_losses(lm, tokens, bptt=35)
+    static = static_losses(lm, tokens, bptt=35)
     sgd0 = adaptive_eval(lm, tokens, SGDRule(0.0), segment=5, dyn=DynamicWeights.build(lm)).view(-1)
     assert static.shape == sgd0.shape == (202,)
     torch.testing.assert_close(sgd0, static, atol=1e-5, rtol=1e-5)
@@ -114,7 +117,7 @@ def test_tuned_baselines_are_reused(evaluated: tuple[DictConfig, dict, Path], mo
     def no_tuning(*a: object, **k: object) -> None:
         raise AssertionError("tuned.json should have been reused")
 
-    monkeypatch.setattr(evaluation, "tune", no_tuning)
+    monkeypatch.setattr(runtime, "tune", no_tuning)
     cfg2 = cfg.copy()
     cfg2.eval.splits = ["valid"]
     res = evaluation.run(cfg2)
@@ -143,7 +146,7 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     W&B run holding the per-article table and the plots (no account, no network)."""
     import shutil
 
-    from dynlm_pl.systems import meta as meta_stage
+    from dynlm_pl.stages import meta as meta_stage
     from tests.conftest import compose_config
 
     _, _, src = evaluated
@@ -186,9 +189,9 @@ def test_pattern_search_leaves_the_grid_for_a_better_point() -> None:
         calls.append(hp["lr"])
         return (math.log(hp["lr"]) - math.log(0.05)) ** 2 if hp["lr"] > 0 else 10.0
 
-    best = evaluation.pattern_search({"lr": 0.01}, loss_of, ["lr"], step=3.0, rounds=3)
+    best = pattern_search({"lr": 0.01}, loss_of, ["lr"], step=3.0, rounds=3)
     assert abs(math.log(best["lr"] / 0.05)) <= math.log(3.0) / 8 + 1e-9
-    assert evaluation.pattern_search({"lr": 0.0}, loss_of, ["lr"], 3.0, 2) == {"lr": 0.0}  # zero stays zero
+    assert pattern_search({"lr": 0.0}, loss_of, ["lr"], 3.0, 2) == {"lr": 0.0}  # zero stays zero
 
 
 def test_eval_streams_reads_every_target_once_with_a_theta_per_stream(evaluated: tuple[DictConfig, dict, Path],

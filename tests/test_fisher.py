@@ -10,18 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dynlm_pl.common import file_sha256
-from dynlm_pl.data import StreamWindows
+from dynlm_pl.artifacts import load_fisher, load_lm, save_fisher
+from dynlm_pl.data import StreamWindows, fisher_streams
 from dynlm_pl.errors import DynlmError
-from dynlm_pl.fisher import (
-    FisherArtifact,
-    estimate_fisher,
-    ewc_penalty,
-    fisher_streams,
-    load_fisher,
-    log_prior,
-    save_fisher,
-)
+from dynlm_pl.files import file_sha256
+from dynlm_pl.fisher import FisherArtifact, estimate_fisher, ewc_penalty, log_prior
 from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
 
 V = 40
@@ -187,8 +180,8 @@ def test_save_load_and_rejections(tmp_path: Path) -> None:
 
 
 def test_stage_end_to_end(compose_cfg, tmp_path: Path) -> None:
-    from dynlm_pl.systems import fisher as fisher_stage
-    from dynlm_pl.systems import lm as lm_stage
+    from dynlm_pl.stages import fisher as fisher_stage
+    from dynlm_pl.stages import lm as lm_stage
 
     small = ["data.synthetic.articles={train: 20, valid: 4, test: 4}", "data.synthetic.article_len=150",
              "trainer.enable_progress_bar=false"]
@@ -202,7 +195,7 @@ def test_stage_end_to_end(compose_cfg, tmp_path: Path) -> None:
     run = Path(cfg.paths.run_dir)
     res = fisher_stage.run(cfg)
     art = load_fisher(run / "fisher.pt", lm_sha256=file_sha256(run / "lm.ckpt"))
-    model, _ = lm_stage.load_lm(run / "lm.ckpt")
+    model, _ = load_lm(run / "lm.ckpt")
     shapes = {k: p.shape for k, p in model.named_parameters()}
     assert art.estimator == "empirical" and res["tokens"] == art.tokens == 600
     assert {k: v.shape for k, v in art.fisher.items()} == shapes == {k: v.shape for k, v in art.ms.items()}

@@ -16,13 +16,16 @@ from conftest import REPO_ROOT, compose_config
 from omegaconf import DictConfig
 from torch import Tensor
 
-from dynlm_pl.common import make_datamodule, model_kwargs
+from dynlm_pl.artifacts import load_lm
+from dynlm_pl.cli import main_guard
 from dynlm_pl.errors import DynlmError
-from dynlm_pl.evaluation import static_eval
+from dynlm_pl.meta.scoring import static_eval
 from dynlm_pl.models.awd_lstm import AWDLSTM
-from dynlm_pl.stages import main_guard, run_stages
-from dynlm_pl.systems import lm as lm_mod
-from dynlm_pl.systems.lm import LMPretrainModule, load_lm
+from dynlm_pl.pipeline import run_stages
+from dynlm_pl.runtime import make_datamodule, primitives
+from dynlm_pl.stages import lm as lm_mod
+from dynlm_pl.systems import lm as lm_system
+from dynlm_pl.systems.lm import LMPretrainModule
 
 # Fewer, shorter articles than the smoke preset: a full epoch and a full validation in about a second.
 SMALL_DATA = ["experiment=smoke", "data.synthetic.articles={train: 40, valid: 6, test: 6}",
@@ -87,7 +90,7 @@ def test_loss_falls_on_synthetic(smoke_run: tuple[DictConfig, dict, Recorded]) -
     cfg, _, rec = smoke_run
     corpus = make_datamodule(cfg).load()
     torch.manual_seed(cfg.seed)
-    init = AWDLSTM(len(corpus.vocab), **model_kwargs(cfg.model))
+    init = AWDLSTM(len(corpus.vocab), **primitives(cfg.model))
     before = valid_loss(init, cfg, corpus.splits["valid"])
     assert abs(before - math.log(len(corpus.vocab))) < 0.5, "a fresh model should be near uniform"
     trained, _ = load_lm(Path(cfg.paths.run_dir) / "lm.ckpt")
@@ -116,7 +119,7 @@ def test_nt_asgd_triggers_and_is_used(tmp_path: Path, monkeypatch: pytest.Monkey
     check; the best checkpoint then holds averaged weights that validation and export must use."""
     offsets = [0.0, 0.5, 1.0, -5.0, -5.0, -5.0]
     rec = Recorded(monkeypatch)
-    real_loss = lm_mod.lm_loss
+    real_loss = lm_system.lm_loss
 
     def steered(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         loss = real_loss(logits, targets, reduction)
@@ -124,7 +127,7 @@ def test_nt_asgd_triggers_and_is_used(tmp_path: Path, monkeypatch: pytest.Monkey
             return loss
         return loss + offsets[len(rec.module.val_history)]
 
-    monkeypatch.setattr(lm_mod, "lm_loss", steered)
+    monkeypatch.setattr(lm_system, "lm_loss", steered)
     cfg = compose_config([*SMALL_DATA, "lm.optim.optimizer=sgd", "lm.optim.lr=2.0", "lm.optim.nonmono=1",
                           "lm.trainer.max_epochs=1", "trainer.limit_train_batches=8",
                           "trainer.val_check_interval=2"], tmp_path)
@@ -139,28 +142,32 @@ def test_nt_asgd_triggers_and_is_used(tmp_path: Path, monkeypatch: pytest.Monkey
         torch.testing.assert_close(p.detach(), mean, rtol=1e-5, atol=1e-6)
 
     # The exported θ* is the average (best checkpoint = the last check, after averaging began).
-    ckpt = torch.load(Path(cfg.paths.run_dir) / "lm.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(Path(cfg.paths.run_dir) / "checkpoints" / "lm-best.ckpt", map_location="cpu", weights_only=False)
     sd = ckpt["state_dict"]
     assert int(sd["swa.n_averaged"]) == 3
     exported, _ = load_lm(Path(cfg.paths.run_dir) / "lm.ckpt")
+    # lm.ckpt files of earlier versions were this Lightning checkpoint itself: they load as the same θ*
+    legacy, prov = load_lm(Path(cfg.paths.run_dir) / "checkpoints" / "lm-best.ckpt")
+    assert prov["vocab_hash"] == ckpt["hyper_parameters"]["vocab_hash"]
     for name, p in exported.named_parameters():
         assert torch.equal(p, sd[f"swa.module.{name}"]), name
+        assert torch.equal(p, dict(legacy.named_parameters())[name]), name
     assert not torch.equal(sd["swa.module.encoder.weight"], sd["model.encoder.weight"])
 
     # Validation used the average: its val/ppl is the averaged model's loss (+ the steering offset),
     # and measurably not the raw iterate's.
     corpus = make_datamodule(cfg).load()
-    monkeypatch.setattr(lm_mod, "lm_loss", real_loss)
+    monkeypatch.setattr(lm_system, "lm_loss", real_loss)
     avg = valid_loss(exported, cfg, corpus.splits["valid"])
     assert math.exp(avg + offsets[3]) == pytest.approx(metrics["val_ppl"], rel=1e-4)
-    raw = AWDLSTM(len(corpus.vocab), **model_kwargs(cfg.model))
+    raw = AWDLSTM(len(corpus.vocab), **primitives(cfg.model))
     raw.load_state_dict({k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
     assert abs(valid_loss(raw, cfg, corpus.splits["valid"]) - avg) > 1e-4
 
 
 def test_no_averaging_with_adam_or_asgd_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rec = Recorded(monkeypatch)
-    monkeypatch.setattr(lm_mod, "lm_loss", lambda logits, targets, reduction="mean": (
+    monkeypatch.setattr(lm_system, "lm_loss", lambda logits, targets, reduction="mean": (
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                           reduction=reduction)
         + (0.0 if torch.is_grad_enabled() else 0.5 * len(rec.module.val_history))))  # always worse

@@ -17,20 +17,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from dynlm_pl.artifacts import load_meta
 from dynlm_pl.data import Corpus
-from dynlm_pl.dynamic import (
-    DynamicWeights,
-    GateRule,
-    RMSRule,
-    Rule,
-    adaptive_eval,
-    inner_step,
-    select_dynamic,
-)
-from dynlm_pl.evaluation import RecordingGateRule
 from dynlm_pl.fisher import FisherArtifact
+from dynlm_pl.meta.learner import MetaLearner, rational_exp
+from dynlm_pl.meta.rules import GateRule, RecordingGateRule, RMSRule, Rule
+from dynlm_pl.meta.scoring import adaptive_eval
+from dynlm_pl.meta.unroll import inner_step
+from dynlm_pl.meta.weights import DynamicWeights, select_dynamic
 from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
-from dynlm_pl.models.meta_learner import MetaLearner, rational_exp
 from dynlm_pl.systems.meta import MetaTrainModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,7 +287,7 @@ def double_module(vocab: int, order: int, checkpointing: bool = False, unroll: i
 
 def meta_loss(module: MetaTrainModule, chunk: Tensor) -> Tensor:
     theta, hidden = module.initial_state(1)
-    return module.unroll(chunk, 0, theta, hidden)[0]
+    return module.unroll(chunk, None, theta, hidden)[0]
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -344,7 +339,7 @@ def test_checkpointing_gives_the_same_meta_gradient(stream: tuple[Tensor, int], 
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch
-    from dynlm_pl.dynamic import DynamicWeights
+    from dynlm_pl.meta.weights import DynamicWeights
     from dynlm_pl.models.awd_lstm import AWDLSTM
     from dynlm_pl.systems.meta import MetaTrainModule
     torch.set_num_threads(1)
@@ -357,7 +352,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     chunk = torch.randint(0, 3000, (1, 40 * 5 + 1))
     theta, hidden = m.initial_state(1)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    loss = m.unroll(chunk, 0, theta, hidden)[0]
+    loss = m.unroll(chunk, None, theta, hidden)[0]
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"extra_kb": peak - base, "grad": m.meta.out.bias.grad.tolist()}))
@@ -392,8 +387,8 @@ SMALL_DATA = ["data.synthetic.articles.train=20", "data.synthetic.articles.valid
 
 
 def test_short_meta_training_lowers_validation_adaptive_loss(compose_cfg, tmp_path: Path) -> None:
-    from dynlm_pl.systems import lm as lm_stage
-    from dynlm_pl.systems import meta as meta_stage
+    from dynlm_pl.stages import lm as lm_stage
+    from dynlm_pl.stages import meta as meta_stage
 
     cfg = compose_cfg(["experiment=smoke", "stage=lm", "lm.trainer.max_epochs=2", *SMALL_DATA])
     lm_stage.run(cfg)
@@ -411,7 +406,7 @@ def test_short_meta_training_lowers_validation_adaptive_loss(compose_cfg, tmp_pa
     assert res["val_ppl_trained"] < res["val_ppl_init"], res  # the trained φ itself, not the fallback
     assert res["val_ppl"] <= res["val_ppl_init"]
     assert math.isfinite(res["val_ppl_static"])
-    meta, hp = meta_stage.load_meta(out / "meta.ckpt")
+    meta, hp = load_meta(out / "meta.ckpt")
     assert isinstance(meta, MetaLearner) and hp["provenance"]["lm_sha256"]
 
 
@@ -547,7 +542,7 @@ def test_nested_checkpointing_gives_the_same_meta_gradient(stream: tuple[Tensor,
         module = double_module(vocab, order, checkpointing=True, unroll=7)
         module.hparams.checkpoint_group = group
         module.hparams.ewc_lambda = 0.1  # the EWC term is part of each group's loss too
-        loss, theta, hidden, _ = module.unroll(chunk, 0, *module.initial_state(streams))
+        loss, theta, hidden, _ = module.unroll(chunk, None, *module.initial_state(streams))
         grads = torch.autograd.grad(loss, list(module.meta.parameters()))
         out.append((loss.detach(), theta.detach(), hidden[-1][0].detach(), grads))
     (l0, t0, h0, g0), (l1, t1, h1, g1) = out

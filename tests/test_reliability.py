@@ -26,12 +26,15 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from dynlm_pl import evaluation
-from dynlm_pl.common import file_sha256
+from dynlm_pl.artifacts import load_meta
+from dynlm_pl.cli import main_guard
+from dynlm_pl.config import check_config
 from dynlm_pl.data import SPLITS, UNK, synthetic_corpus
-from dynlm_pl.stages import check_config, main_guard, run_stages
-from dynlm_pl.systems import fisher as fisher_stage
-from dynlm_pl.systems import lm as lm_stage
-from dynlm_pl.systems import meta as meta_stage
+from dynlm_pl.files import file_sha256
+from dynlm_pl.pipeline import run_stages
+from dynlm_pl.stages import fisher as fisher_stage
+from dynlm_pl.stages import lm as lm_stage
+from dynlm_pl.stages import meta as meta_stage
 
 # A corpus small enough that an LM epoch takes about a second, one shared by all tests (and their subprocesses).
 BASE = ["experiment=smoke", "data.synthetic.articles={train: 40, valid: 6, test: 6}",
@@ -524,7 +527,7 @@ def test_nan_meta_loss_skips_the_update_and_goes_on(trained: Path, tmp_path: Pat
     assert res["skipped"] == 1 and res["steps"] == 4  # one more batch was read to make up the skipped update
     assert seen["phi_kept"] and len(seen["losses"]) == 5
     assert all(v == v for i, v in enumerate(seen["losses"]) if i != 1)  # finite again after the skip
-    meta, _ = meta_stage.load_meta(run / "meta.ckpt")
+    meta, _ = load_meta(run / "meta.ckpt")
     assert all(bool(torch.isfinite(p).all()) for p in meta.parameters())
 
 
@@ -566,9 +569,10 @@ def test_read_only_run_directory(trained: Path, tmp_path: Path, capsys: pytest.C
 
 def test_artifacts_record_their_inputs(trained: Path) -> None:
     lm_ck = load(trained / "lm.ckpt")
-    lm_hp = lm_ck["hyper_parameters"]
+    lm_hp = lm_ck["provenance"]
+    assert lm_ck["format"] == "dynlm-lm/1" and lm_ck["model"]["_target_"] == "dynlm_pl.models.AWDLSTM"
     assert len(lm_hp["vocab_hash"]) == 64 and lm_hp["data_source"].startswith("synthetic:")
-    assert len(lm_ck["vocab"]) == lm_hp["vocab_size"]
+    assert len(lm_ck["vocab"]) == lm_ck["vocab_size"]
     fisher = torch.load(trained / "fisher.pt", weights_only=True)
     assert fisher["lm_sha256"] == file_sha256(trained / "lm.ckpt")
     assert fisher["meta"]["vocab_hash"] == lm_hp["vocab_hash"]

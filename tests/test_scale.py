@@ -23,14 +23,14 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from test_meta import fake_fisher
 
-from dynlm_pl.data import batchify, synthetic_corpus
-from dynlm_pl.dynamic import DynamicWeights, GateRule, RMSRule, SGDRule, adaptive_eval, drift_norm, score, stream_rows
+from dynlm_pl.data import UnrollChunks, article_reset_mask, batchify, stream_rows, synthetic_corpus
 from dynlm_pl.errors import DynlmError
+from dynlm_pl.meta.learner import build_meta_learner
+from dynlm_pl.meta.rules import GateRule, RMSRule, SGDRule
+from dynlm_pl.meta.scoring import adaptive_eval, drift_norm, score
+from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models.awd_lstm import AWDLSTM, StreamLinear, detach_hidden, lm_loss
-from dynlm_pl.models.meta_learner import build_meta_learner
-from dynlm_pl.stages import run_stages
-from dynlm_pl.systems import meta as meta_stage
-from dynlm_pl.systems.meta import article_reset_mask
+from dynlm_pl.pipeline import run_stages
 
 # A small synthetic corpus with short articles, so that both training streams hit an article start (θ reset)
 # within the first unrolls: a rank reading the wrong stream's reset mask would then change φ.
@@ -88,13 +88,13 @@ def _torchrun_worker(rank: int, world: int, port: int, cfg: DictConfig, record: 
     """What torchrun gives each process: Lightning sees TorchElasticEnvironment and launches nothing itself,
     so every rank runs the whole stage, as under torchrun or srun on a cluster. Each rank saves the training
     streams it read to `record.<rank>`."""
-    init = meta_stage.UnrollChunks.__init__
+    init = UnrollChunks.__init__
 
-    def recording_init(self: meta_stage.UnrollChunks, streams: torch.Tensor, *args: int) -> None:
+    def recording_init(self: UnrollChunks, streams: torch.Tensor, *args: int) -> None:
         torch.save(streams.clone(), f"{record}.{rank}")
         init(self, streams, *args)
 
-    meta_stage.UnrollChunks.__init__ = recording_init  # this forked process only
+    UnrollChunks.__init__ = recording_init  # this forked process only
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
                        "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
                        "LOCAL_WORLD_SIZE": str(world), "TORCHELASTIC_RUN_ID": "test_scale"})
@@ -406,7 +406,7 @@ def test_keep_freed_memory_sets_glibc_and_can_be_turned_off() -> None:
     """train.py/evaluate.py make glibc keep freed parameter-sized buffers for reuse (`keep_freed_memory`): a
     touched, freed 64 MB block stays resident (no munmap), where glibc's default returns it to the OS at once.
     DYNLM_MALLOC_KEEP=0: off, the default behaviour."""
-    code = ("import ctypes, os; from dynlm_pl.common import keep_freed_memory; ok = keep_freed_memory(); "
+    code = ("import ctypes, os; from dynlm_pl.cli import keep_freed_memory; ok = keep_freed_memory(); "
             "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p; "
             "libc.free.argtypes = [ctypes.c_void_p]; n = 64 << 20; "
             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'); "

@@ -9,26 +9,21 @@ Two LSTM kernels share one weight layout (nn.LSTM's: gates i, f, g, o stacked in
 `fused` calls `torch.lstm` (what nn.LSTM runs; fast, double-differentiable on CPU), `manual` writes
 the recurrence with matmuls (double-differentiable on GPUs where cuDNN is not, usable for backward in
 eval mode). Both give the same numbers. Any weight may also carry a leading stream dimension (one set of
-weights per row, `dynamic.score` with θ [B, P]): batched matmuls, with `StreamLSTM` under `fused`.
+weights per row, `meta.scoring.score` with θ [B, P]): batched matmuls, with `StreamLSTM` under `fused`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynlm_pl.models.backbone import LMOutput
+
 Hidden = list[tuple[Tensor, Tensor]]  # per layer (h, c), each [B, H_l]
-
-
-class LMOutput(NamedTuple):
-    logits: Tensor  # [B, T, V]
-    hidden: Hidden  # state after the window, to carry into the next one
-    raw_output: Tensor  # [B, T, E] last LSTM layer before output dropout (for TAR)
-    output: Tensor  # [B, T, E] after output dropout (for AR)
 
 
 def locked_dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -118,7 +113,7 @@ def lstm_manual(x: Tensor, state: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Ten
     """One LSTM layer in plain ops. x: [B, T, I]; state (h, c): [B, H]; w_ih: [4H, I]; w_hh: [4H, H].
 
     Any weight may carry a leading stream dimension (w_ih [B, 4H, I], b_ih [B, 4H], ...): row b then runs
-    on its own weights, as batched matmuls (per-stream dynamic weights, `dynamic.score` with θ [B, P]).
+    on its own weights, as batched matmuls (per-stream dynamic weights, `meta.scoring.score` with θ [B, P]).
     """
     h, c = state
     xs = input_gates(x, w_ih, b_ih, b_hh)
@@ -223,8 +218,10 @@ class AWDLSTM(nn.Module):
     """Embedding -> num_layers LSTMs -> tied softmax, with AWD-LSTM's regularizers.
 
     Layer sizes: emb_size -> hidden_size ... -> emb_size (the last layer returns to the embedding
-    width so the decoder can reuse `encoder.weight`).
+    width so the decoder can reuse `encoder.weight`). A `Backbone` (models/backbone.py).
     """
+
+    supports_stream_weights = True
 
     def __init__(self, vocab_size: int, emb_size: int = 400, hidden_size: int = 1150, num_layers: int = 3,
                  dropout: float = 0.4, dropouth: float = 0.25, dropouti: float = 0.4, dropoute: float = 0.1,
@@ -255,7 +252,7 @@ class AWDLSTM(nn.Module):
         Not twice differentiable: off for second-order meta-training and for training the LM."""
         if hidden is None:
             hidden = self.init_hidden(tokens.size(0))
-        # A weight with a leading stream dimension (θ [B, P] unflattened by `dynamic.score`): row b runs on
+        # A weight with a leading stream dimension (θ [B, P] unflattened by `meta.scoring.score`): row b runs on
         # its own weights, as batched matmuls (kernel=fused: StreamLSTM, first order; manual: plain ops)
         per_stream = any(t.dim() > (1 if "bias" in n else 2) for n, t in self._weights())
         tie = None  # set with sparse_grad: where the decoder leaves the tied table's gradient for the lookup
@@ -287,6 +284,9 @@ class AWDLSTM(nn.Module):
         else:  # per-stream table [B, V, E] and/or bias [B, V], or the lookup's rows to add into w's gradient
             logits = StreamLinear.apply(out, w, tie) + (b if b.dim() == 1 else b[:, None])
         return LMOutput(logits, new_hidden, raw, out)
+
+    def detach_state(self, hidden: Hidden) -> Hidden:
+        return detach_hidden(hidden)
 
     def _weights(self) -> list[tuple[str, Tensor]]:
         """The weights forward reads, as named attributes (swapped in by functional_call)."""

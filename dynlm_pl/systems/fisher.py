@@ -1,58 +1,35 @@
-"""Stage `fisher`: diag F of the pretrained LM over the training stream -> `<run_dir>/fisher.pt`.
-
-`python train.py stage=fisher` reads `<run_dir>/lm.ckpt`, runs the chosen estimator (F) and Krause's
-`batch_ms` (ms; once if it is the estimator) as Lightning test loops over the frozen LM, and writes the
-artifact of `dynlm_pl.fisher` atomically, only once every pass has finished with finite values.
-"""
+"""The Fisher pass as a LightningModule: one estimator of `dynlm_pl.fisher` over the frozen LM, run as a test loop."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from dynlm_pl.common import atomic_torch_save, file_sha256, make_datamodule, make_trainer, run_dir
-from dynlm_pl.data import StreamWindows
-from dynlm_pl.errors import DynlmError, require
-from dynlm_pl.fisher import ESTIMATORS, FisherAccumulator, FisherArtifact, fisher_streams, save_fisher, summarize
-from dynlm_pl.models.awd_lstm import AWDLSTM
-from dynlm_pl.systems.lm import check_same_data, load_lm
+from dynlm_pl.errors import require
+from dynlm_pl.files import atomic_write
+from dynlm_pl.fisher import ESTIMATORS, FisherAccumulator
+from dynlm_pl.models import Backbone
 
 
 class FisherModule(L.LightningModule):
     """One estimator over the frozen LM, run with `trainer.test`; no optimizer, nothing trained.
 
-    Each rank reads its own contiguous block of the global streams; at the end the sums are reduced
-    across ranks and global rank 0 writes (F, tokens) to `out_path`, which the caller reads: a spawned
-    worker's attributes do not come back to the main process, a file does.
+    The DataModule (`FisherCut`) gives each rank its own contiguous block of the global streams; at the end the
+    sums are reduced across ranks and global rank 0 writes (F, tokens) to `out_path`, which the caller reads: a
+    spawned worker's attributes do not come back to the main process, a file does.
     """
 
-    def __init__(self, model: AWDLSTM, tokens: Tensor, estimator: str, n_tokens: int | None, batch_size: int,
-                 window: int, seed: int, out_path: str | Path) -> None:
+    def __init__(self, model: Backbone, estimator: str, out_path: str | Path) -> None:
         super().__init__()
         require(estimator in ESTIMATORS, f"fisher.estimator must be one of {', '.join(ESTIMATORS)}, "
                 f"got {estimator!r}")
-        require(isinstance(window, int) and window >= 1, f"fisher window must be a positive integer, got {window!r}")
         self.model = model.eval().requires_grad_(False)  # read only: gradients are taken functionally
-        self.tokens = tokens  # int64 [N], the whole split (a plain attribute, not state to checkpoint)
-        self.estimator, self.n_tokens, self.batch_size, self.window, self.seed = (
-            estimator, n_tokens, batch_size, window, seed)
+        self.estimator = estimator
         self.out_path = Path(out_path)
         self.acc: FisherAccumulator | None = None
-
-    def test_dataloader(self) -> DataLoader:
-        streams = fisher_streams(self.tokens, self.n_tokens, self.batch_size, self.seed)  # global [B, L]
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        require(streams.size(0) % world == 0, f"{streams.size(0)} Fisher streams cannot be split evenly over "
-                f"{world} processes; make the fisher batch size a multiple of the number of devices")
-        per = streams.size(0) // world
-        return DataLoader(StreamWindows(streams[rank * per : (rank + 1) * per], self.window), batch_size=None)
 
     def on_test_epoch_start(self) -> None:
         self.model.eval()
@@ -65,85 +42,6 @@ class FisherModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         fisher, tokens = self.acc.result()  # a collective: every rank calls it
         if self.trainer.is_global_zero:
-            atomic_torch_save({"fisher": {k: v.cpu() for k, v in fisher.items()}, "tokens": tokens},
-                              self.out_path)
+            blob = {"fisher": {k: v.cpu() for k, v in fisher.items()}, "tokens": tokens}
+            atomic_write(self.out_path, lambda tmp: torch.save(blob, tmp))
         self.acc = None
-
-
-def _table(fisher: dict[str, Tensor]) -> str:
-    lines = [f"  {'tensor':<22} {'shape':>12} {'min':>10} {'median':>10} {'max':>10}"]
-    for name, shape, lo, med, hi in summarize(fisher):
-        lines.append(f"  {name:<22} {'x'.join(map(str, shape)):>12} {lo:>10.3g} {med:>10.3g} {hi:>10.3g}")
-    return "\n".join(lines)
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """`python train.py stage=fisher`: F (fisher.estimator) and ms (batch_ms) of lm.ckpt -> fisher.pt."""
-    out = run_dir(cfg)
-    fc = cfg.fisher
-    require(fc.estimator in ESTIMATORS, f"fisher.estimator must be one of {', '.join(ESTIMATORS)}, "
-            f"got {fc.estimator!r}")
-    for key in ("batch_size", "window", "ms_batch_size", "ms_window"):
-        require(isinstance(fc[key], int) and fc[key] >= 1, f"fisher.{key} must be a positive integer, "
-                f"got {fc[key]!r}")
-    require(fc.tokens is None or (isinstance(fc.tokens, int) and fc.tokens >= 0),
-            f"fisher.tokens must be a number of tokens, or null/0 for the whole split, got {fc.tokens!r}")
-    lm_path = out / "lm.ckpt"
-    require(lm_path.is_file(), f"no LM checkpoint at {lm_path}; run `python train.py stage=lm` with the same "
-            "experiment/name first")
-    lm_sha = file_sha256(lm_path)
-    model, hp = load_lm(lm_path)
-    corpus = make_datamodule(cfg).load()
-    check_same_data(hp, corpus.vocab_hash, f"the LM in {lm_path}")
-    require(fc.split in corpus.splits, f"fisher.split must be one of {', '.join(corpus.splits)}, got {fc.split!r}")
-    tokens = corpus.splits[fc.split]
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    passes = {fc.estimator: (fc.batch_size, fc.window) if fc.estimator == "empirical"
-              else (fc.ms_batch_size, fc.ms_window)}
-    passes.setdefault("batch_ms", (fc.ms_batch_size, fc.ms_window))
-    done: dict[str, tuple[dict[str, Tensor], int, float]] = {}
-    world = 1
-    for est, (batch, window) in passes.items():
-        partial = out / f".fisher-{est}.partial.pt"  # rank 0's result of one pass, never a fisher.pt
-        partial.unlink(missing_ok=True)
-        # Gradients inside the test loop: inference mode would forbid them whatever the config says. Full
-        # precision whatever trainer.precision says: F sums squared per-example gradients (bf16 would round
-        # them, fp16 underflow them), and the written-out forward mixes dtypes under autocast.
-        trainer = make_trainer(cfg, {"inference_mode": False, "precision": "32-true"})
-        module = FisherModule(model, tokens, est, fc.tokens or None, batch, window, fc.seed, partial)
-        t0 = time.time()
-        trainer.test(module, verbose=False)
-        world = trainer.world_size
-        if trainer.interrupted:
-            raise DynlmError(f"the Fisher pass ({est}) was interrupted; {out / 'fisher.pt'} was left as it was: "
-                             "rerun `python train.py stage=fisher`")
-        if not trainer.is_global_zero:  # under strategy=ddp the other ranks run this too; rank 0 writes
-            return {}
-        require(partial.is_file(), f"the Fisher pass ({est}) ended without a result; check "
-                "trainer.limit_test_batches and fisher.tokens, then rerun `python train.py stage=fisher`")
-        blob = torch.load(partial, weights_only=True)
-        partial.unlink()
-        done[est] = (blob["fisher"], blob["tokens"], time.time() - t0)
-
-    fisher, n_tok, secs = done[fc.estimator]
-    ms, ms_tok, ms_secs = done["batch_ms"]
-    for name, d in (("F", fisher), ("ms", ms)):
-        bad = [k for k, v in d.items() if not torch.isfinite(v).all()]
-        require(not bad, f"{name} is not finite in {', '.join(bad)} (the LM's loss diverges on this data?); "
-                f"{out / 'fisher.pt'} was left as it was")
-    art = FisherArtifact(
-        theta0={k: p.detach().cpu().clone() for k, p in model.named_parameters()},
-        fisher=fisher, ms=ms, estimator=fc.estimator, tokens=n_tok, lm_sha256=lm_sha,
-        meta={"batch_size": passes[fc.estimator][0], "window": passes[fc.estimator][1],
-              "ms_batch_size": fc.ms_batch_size, "ms_window": fc.ms_window, "ms_tokens": ms_tok,
-              "requested_tokens": fc.tokens or 0, "split": fc.split, "seed": fc.seed,
-              "data_source": corpus.source, "vocab_hash": corpus.vocab_hash, "world_size": world,
-              "seconds": secs, "ms_seconds": ms_secs if fc.estimator != "batch_ms" else 0.0,
-              "lm_path": str(lm_path), "torch": str(torch.__version__)})
-    save_fisher(art, out / "fisher.pt")
-    total = secs + (ms_secs if fc.estimator != "batch_ms" else 0.0)
-    print(f"[fisher] {fc.estimator} F over {n_tok:,} {fc.split} tokens in {secs:.1f}s"
-          + (f", batch_ms over {ms_tok:,} in {ms_secs:.1f}s" if fc.estimator != "batch_ms" else "")
-          + f"; wrote {out / 'fisher.pt'}\n{_table(fisher)}", flush=True)
-    return {"estimator": fc.estimator, "tokens": n_tok, "seconds": total, "path": str(out / "fisher.pt")}

@@ -1,33 +1,18 @@
-"""Stage `lm`: pretraining the AWD-LSTM (θ*, the long-term memory's mean)."""
+"""LM pretraining (θ*, the long-term memory's mean) as a LightningModule."""
 
 from __future__ import annotations
 
-import math
-import time
-import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MeanMetric
 
-from dynlm_pl.common import (
-    atomic_copy,
-    check_resumable,
-    get_rng_state,
-    make_datamodule,
-    make_trainer,
-    model_kwargs,
-    run_dir,
-    set_rng_state,
-)
-from dynlm_pl.errors import DynlmError, require
-from dynlm_pl.models.awd_lstm import AWDLSTM, Hidden, detach_hidden, lm_loss
+from dynlm_pl.errors import require
+from dynlm_pl.models import Backbone, build_model, lm_loss
+from dynlm_pl.resume import get_rng_state, set_rng_state
 
 
 class LMPretrainModule(L.LightningModule):
@@ -37,6 +22,8 @@ class LMPretrainModule(L.LightningModule):
     without a new best, keep plain SGD steps but start averaging the iterates, which is what ASGD with
     t0=0, lambd=0 does; validation and the exported model use the average), or `adam`. The learning
     rate is scaled by window length / bptt so randomized short windows do not take full-size steps.
+
+    `model`: the backbone's spec, a `conf/model/*.yaml` group as a dict (`_target_` and its settings).
     """
 
     def __init__(self, vocab_size: int, model: dict[str, Any], optimizer: str = "sgd", lr: float = 30.0,
@@ -47,13 +34,13 @@ class LMPretrainModule(L.LightningModule):
         require(optimizer in ("sgd", "adam"), f"lm.optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.model = AWDLSTM(vocab_size, **model)
+        self.model = build_model(model, vocab_size)
         # The iterate average of NT-ASGD; `n_averaged == 0` means averaging has not started.
         self.swa = AveragedModel(self.model)
         self.swa.requires_grad_(False)
         self.val_history: list[float] = []
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self._hidden: dict[str, Hidden | None] = {"train": None, "val": None, "test": None}
+        self._hidden: dict[str, Any | None] = {"train": None, "val": None, "test": None}
         # Resume state: windows trained on in this epoch, and the RNG state (dropout masks) to continue from.
         self._epoch_batches = 0
         self._pending: dict[str, Any] | None = None  # RNG state from on_load_checkpoint, applied at the next step
@@ -63,12 +50,12 @@ class LMPretrainModule(L.LightningModule):
     def averaging(self) -> bool:
         return bool(self.swa.n_averaged.item() > 0)
 
-    def eval_model(self) -> AWDLSTM:
+    def eval_model(self) -> Backbone:
         """θ*: the averaged iterate once NT-ASGD has triggered, else the current weights."""
         return self.swa.module if self.averaging else self.model
 
     # -- training --------------------------------------------------------------------------------------
-    def _carry(self, key: str, x: Tensor, net: AWDLSTM) -> Hidden:
+    def _carry(self, key: str, x: Tensor, net: Backbone) -> Any:
         h = self._hidden[key]
         if h is None or h[0][0].size(0) != x.size(0):
             h = net.init_hidden(x.size(0))
@@ -86,7 +73,7 @@ class LMPretrainModule(L.LightningModule):
             h = self._hidden["train"]  # restored on the CPU (or reset by on_train_epoch_start in a new epoch)
             self._hidden["train"] = None if h is None else [(a.to(x.device), b.to(x.device)) for a, b in h]
         out = self.model(x, self._carry("train", x, self.model))
-        self._hidden["train"] = detach_hidden(out.hidden)
+        self._hidden["train"] = self.model.detach_state(out.hidden)
         ce = lm_loss(out.logits, y)
         hp = self.hparams
         # AR on the dropped output of the last layer; TAR on its raw output (differences along time).
@@ -116,7 +103,7 @@ class LMPretrainModule(L.LightningModule):
         x, y = batch
         net = self.eval_model()
         out = net(x, self._carry(key, x, net))
-        self._hidden[key] = detach_hidden(out.hidden)
+        self._hidden[key] = net.detach_state(out.hidden)
         metric.update(lm_loss(out.logits, y), weight=y.numel())
 
     def on_validation_epoch_start(self) -> None:
@@ -192,67 +179,8 @@ class LMPretrainModule(L.LightningModule):
         for k, v in st["train_loss"].items():
             setattr(self.train_loss, k, v.to(self.device))
         self.train_loss._update_count = max(self.train_loss._update_count, int(st["epoch_batches"]))
-        # Hidden state and RNG are per process: under DDP rank 0's would be wrong for the other ranks' streams.
+        # Any state and RNG are per process: under DDP rank 0's would be wrong for the other ranks' streams.
         if st.get("world_size", 1) == 1 and self.trainer.world_size == 1:
             # Set now, not at the next step: if the checkpoint ended an epoch, on_train_epoch_start resets it.
             self._hidden["train"] = st["hidden"]
             self._pending = {"rng": st["rng"]}
-
-
-def load_lm(path: str | Path) -> tuple[AWDLSTM, dict[str, Any]]:
-    """θ* from an `lm.ckpt` in eval mode, and the module's hyperparameters (data provenance included)."""
-    path = Path(path)
-    require(path.is_file(), f"no LM checkpoint at {path}; run `python train.py stage=lm` with the same "
-            "experiment/name first")
-    try:
-        module = LMPretrainModule.load_from_checkpoint(path, map_location="cpu")
-    except Exception as e:
-        raise DynlmError(f"LM checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or not an "
-                         "lm.ckpt: rerun `python train.py stage=lm`") from None
-    return module.eval_model().eval(), {**module.hparams, "vocab": getattr(module, "vocab", None)}
-
-
-def check_same_data(hparams: dict[str, Any], vocab_hash: str, what: str) -> None:
-    """Refuse an LM trained on another vocabulary than the one this run reads."""
-    require(hparams.get("vocab_hash") == vocab_hash,
-            f"{what} was trained with another vocabulary than this run's data; use the same data=... "
-            "as the LM stage, or retrain it with `python train.py stage=lm`")
-
-
-def run(cfg: DictConfig) -> dict[str, float]:
-    """`python train.py stage=lm`: train, keep best and last checkpoints, export `lm.ckpt`."""
-    out = run_dir(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    dm = make_datamodule(cfg)
-    corpus = dm.load()
-    module = LMPretrainModule(
-        vocab_size=len(corpus.vocab), model=model_kwargs(cfg.model), bptt=cfg.data.bptt,
-        data_source=corpus.source, vocab_hash=corpus.vocab_hash, **model_kwargs(cfg.lm.optim))
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="lm-best", monitor="val/ppl", mode="min",
-                           save_last=True, save_top_k=1, enable_version_counter=False)
-    trainer = make_trainer(cfg, cfg.lm.get("trainer"), callbacks=[ckpt])
-    resume = out / "checkpoints" / "last.ckpt"
-    ckpt_path = str(resume) if cfg.get("resume") and resume.is_file() else None
-    if ckpt_path:
-        check_resumable(resume)
-        # The data module skips the windows already trained on (see on_load_checkpoint), which Lightning cannot
-        # know: its warning that a mid-epoch resume of a plain loader is unreliable does not apply here.
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
-    t0 = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    if trainer.interrupted:
-        raise DynlmError("pretraining was interrupted; rerun with resume=true to continue from last.ckpt")
-    if not trainer.is_global_zero:  # under strategy=ddp / torchrun every rank runs this; rank 0 writes
-        return {}
-    best = ckpt.best_model_path or ckpt.last_model_path
-    require(bool(best), "pretraining ended without a checkpoint (no validation ran); "
-            "check lm.trainer.limit_val_batches / val_check_interval")
-    atomic_copy(best, out / "lm.ckpt")
-    score = ckpt.best_model_score
-    if score is None:  # ddp_spawn sends only the best path back to this process; the score is in the file
-        state = torch.load(best, map_location="cpu", weights_only=False)
-        score = next((c["best_model_score"] for c in state.get("callbacks", {}).values()
-                      if c.get("best_model_score") is not None), None)
-    metrics = {"val_ppl": float(score) if score is not None else math.nan, "seconds": time.time() - t0}
-    print(f"[lm] best val ppl {metrics['val_ppl']:.2f}; wrote {out / 'lm.ckpt'} in {metrics['seconds']:.0f}s")
-    return metrics

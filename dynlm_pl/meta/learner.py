@@ -2,7 +2,7 @@
 
 The same small MLP reads a feature vector for every coordinate of the dynamic weights and emits
 three gates per coordinate, used as θ_t = f⊙θ_{t-1} + i⊙∇L_t + z⊙θ_0 (COPY, UPDATE, FLUSH; see
-`dynlm_pl.dynamic.GateRule`). Everything is flat: θ is [P] (or [B, P] for B streams), features are
+`dynlm_pl.meta.rules.GateRule`). Everything is flat: θ is [P] (or [B, P] for B streams), features are
 [..., P, k], the MLP runs as two or three matmuls over all P coordinates at once.
 
 Features per coordinate (`features`, in this order):
@@ -53,6 +53,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dynlm_pl.meta.rules import gated_update, krause_coefficients, krause_rate
+from dynlm_pl.meta.weights import offsets
 
 FEATURE_WIDTH = {"theta": 1, "delta": 2, "grad": 2, "loss": 1, "fisher": 1, "rms": 1, "gnorm": 1, "dnorm": 1}
 KRAUSE_FORMS = ("krause", "rational")  # residual parametrizations around Krause's rule (need ms)
@@ -150,8 +153,6 @@ class MetaLearner(nn.Module):
     def _context(self, dyn: Any) -> dict[str, Tensor]:
         if self._ctx is not None and self._ctx[0] == id(dyn):
             return self._ctx[1]
-        from dynlm_pl.dynamic import krause_coefficients, krause_rate  # dynamic imports models: avoid a cycle
-
         ctx: dict[str, Tensor] = {}
         need = {"fisher": dyn.fisher, "rms": dyn.ms}
         for f in ("fisher", "rms"):
@@ -273,7 +274,7 @@ class MetaLearner(nn.Module):
         else:  # a per-tensor bias of layer 1: run tensor by tensor (no [P, embed_dim] tensor is built)
             parts = [self._gates(*(t.narrow(-1, s, n) for t in (theta, grad)), loss, dyn.theta0.narrow(0, s, n),
                                  {k: v.narrow(0, s, n) for k, v in ctx.items()}, bias[k])
-                     for k, (s, n) in enumerate(_offsets(dyn.spec.sizes))]
+                     for k, (s, n) in enumerate(offsets(dyn.spec.sizes))]
             f, i = (torch.cat([p[j] for p in parts], dim=-1) for j in (0, 1))
             z = torch.cat([p[2] for p in parts], dim=-1) if self.flush else None
         self.last_gates = {"f": f.detach().mean(), "i": i.detach().mean(),
@@ -295,7 +296,7 @@ class MetaLearner(nn.Module):
         ctx = self._context(dyn)
         bias = self._bias1()
         sums = theta.new_zeros(3, len(dyn.spec.sizes))
-        for k, (s0, n) in enumerate(_offsets(dyn.spec.sizes)):
+        for k, (s0, n) in enumerate(offsets(dyn.spec.sizes)):
             b = bias if self.embed is None else bias[k]
             for s in range(s0, s0 + n, chunk):
                 e = min(s + chunk, s0 + n)
@@ -303,11 +304,9 @@ class MetaLearner(nn.Module):
                 f, i, z = self._gates(th, g, loss, th0, {key: v[s:e] for key, v in ctx.items()}, b)
                 sums[0, k] += f.sum()
                 sums[1, k] += i.sum()
-                new = torch.addcmul(f * th, i, g)
                 if z is not None:
                     sums[2, k] += z.sum()
-                    new.addcmul_(z, th0)
-                th.copy_(new)
+                th.copy_(gated_update(th, g, th0, f, i, z))
         means = sums / torch.tensor(dyn.spec.sizes, dtype=sums.dtype, device=sums.device)
         self.last_gates = {"f": means[0].mean(), "i": means[1].mean(), "z": means[2].mean()}
         return means
@@ -345,8 +344,7 @@ class MetaLearner(nn.Module):
         compiled passes trace them."""
         o_f, o_i, o_z = self.mlp_pointwise(self.feature_columns(theta, grad, loss, theta0, ctx), bias1)
         f, i, z = self.to_gates(o_f, o_i, o_z, ctx)
-        new = f * theta + i * grad
-        return (new if z is None else new + z * theta0), f, i, z
+        return gated_update(theta, grad, theta0, f, i, z), f, i, z
 
     def _fused_new(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor, ctx: dict[str, Tensor],
                    bias1: Tensor) -> tuple[Tensor, Tensor]:
@@ -367,7 +365,7 @@ class MetaLearner(nn.Module):
         parts = [self._compiled_new(theta[s : s + n], grad[s : s + n], loss, dyn.theta0[s : s + n],
                                     {key: v[s : s + n] for key, v in ctx.items()},
                                     bias if self.embed is None else bias[k])
-                 for k, (s, n) in enumerate(_offsets(dyn.spec.sizes))]
+                 for k, (s, n) in enumerate(offsets(dyn.spec.sizes))]
         sums = torch.stack([p[1] for p in parts]).sum(0) / dyn.spec.numel
         self.last_gates = {"f": sums[0], "i": sums[1], "z": sums[2]}
         return torch.cat([p[0] for p in parts])
@@ -416,7 +414,7 @@ class MetaLearner(nn.Module):
         losses = losses if theta.dim() == 2 else losses[0]
         span = chunk if n_rows > 1 else max(dyn.spec.sizes)  # one stream: whole tensors
         sums = []
-        for k, (s0, n) in enumerate(_offsets(dyn.spec.sizes)):
+        for k, (s0, n) in enumerate(offsets(dyn.spec.sizes)):
             b1 = bias if self.embed is None else bias[k]
             acc = theta.new_zeros(3) if stats else None
             for s in range(s0, s0 + n, span):
@@ -445,11 +443,6 @@ def _compile(fn: Any) -> Any:
     # default is off: a multiply and an add, each rounded). The pass is a long chain of dependent vector ops, so
     # fewer, shorter ops pay (bench/results/bench_gate_streams.md); the result differs from eager by float rounding.
     return torch.compile(fn, dynamic=True, options={"cpp.enable_floating_point_contract_flag": "fast"})
-
-
-def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
-    """(start, length) of each tensor in the flat vector."""
-    return list(zip(itertools.accumulate([0, *sizes[:-1]]), sizes, strict=True))
 
 
 def build_meta_learner(gate_cfg: dict[str, Any], n_tensors: int, flush: bool | None = None) -> MetaLearner:

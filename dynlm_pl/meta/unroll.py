@@ -1,0 +1,177 @@
+"""Meta-training's inner loop: unrolled dynamic evaluation through which the meta-gradient flows into φ.
+
+An unroll reads U segments of M tokens: each inner step scores a segment with θ_{t-1} (its loss enters the
+meta-loss), takes ∇L_t and applies the rule, θ_t = f⊙θ_{t-1} + i⊙∇L_t + z⊙θ_0. The meta-loss is the mean token
+loss over the unroll (plus EWC), backpropagated into φ through the weights (truncated BPTT).
+
+Memory: with `checkpointing`, each inner step is one non-reentrant `torch.utils.checkpoint` region, so an unroll
+stores about θ_{t-1} and ∇L_t per step (2P floats) and recomputes the step's graph in backward. A checkpoint
+group G > 1 nests this: groups of G steps run first without any graph and keep only their input θ and hidden
+state; backward reruns one group at a time with per-step checkpointing. An unroll of U steps then holds U/G + 2G
+parameter-sized tensors instead of 2U (G = √(U/2): 2√(2U)), for one more forward pass per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from dynlm_pl.errors import require
+from dynlm_pl.meta.rules import Rule
+from dynlm_pl.meta.scoring import score
+from dynlm_pl.meta.weights import DynamicSpec, DynamicWeights
+from dynlm_pl.models import Backbone
+
+
+def inner_step(model: Backbone, rule: Rule, spec: DynamicSpec, theta: Tensor, hidden: Any, x: Tensor,
+               y: Tensor, second_order: bool = False, checkpointing: bool = False) -> tuple[Tensor, Any, Tensor]:
+    """Score x -> y with θ_{t-1}, take ∇L_t, apply the rule: (θ_t, hidden, summed token loss).
+
+    L_t is the mean token loss of each stream (summed over streams, so each stream's gradient is its
+    own). First order: ∇L_t (and the L_t feature) are constants to the meta-gradient; second order:
+    `create_graph` keeps their dependence on earlier gates.
+
+    `checkpointing`: the LM's forward and the rule are two non-reentrant checkpoint regions, recomputed
+    in backward, so the step keeps about θ_{t-1} and ∇L_t (2P floats) instead of its graph. ∇L_t is
+    taken between them: an autograd.grad *inside* a checkpointed region makes torch keep that region's
+    recomputed tensors alive (measured: half the savings lost).
+    """
+    if not torch.is_grad_enabled():  # a forward-only pass (meta.checkpoint_group's first run): no graph kept
+        th = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses, hidden = score(model, spec, th, x, y, hidden)
+            per_stream = losses.mean(1)
+            (grad,) = torch.autograd.grad(per_stream.sum(), th)
+        feat = per_stream.detach() if theta.dim() == 2 else per_stream.detach().mean()
+        # the evaluation update, in place on a copy (theta is the region's saved input)
+        new = rule.update_(theta.detach().clone(), grad, feat)
+        return new, model.detach_state(hidden), losses.detach().sum()
+    if not theta.requires_grad:  # fresh θ (start, reset, or detached at an unroll boundary)
+        theta = theta.detach().requires_grad_(True)
+    if checkpointing:
+        losses, hidden = checkpoint(score, model, spec, theta, x, y, hidden, use_reentrant=False)
+    else:
+        losses, hidden = score(model, spec, theta, x, y, hidden)  # [B, T]
+    per_stream = losses.mean(1)  # [B]
+    (grad,) = torch.autograd.grad(per_stream.sum(), theta, retain_graph=True, create_graph=second_order)
+    feat = per_stream if theta.dim() == 2 else per_stream.mean()
+    if not second_order:
+        grad, feat = grad.detach(), feat.detach()
+    if checkpointing:
+        new = checkpoint(rule.update, theta, grad, feat, use_reentrant=False)
+    else:
+        new = rule.update(theta, grad, feat)
+    return new, hidden, losses.sum()
+
+
+class CheckpointedSteps(torch.autograd.Function):
+    """A run of inner steps as one region that stores only its input state (θ, hidden tensors).
+
+    forward: `run(*state) -> (θ, *hidden, loss)` without a graph. backward: rerun it with one (its steps
+    checkpointed one by one) and backpropagate into the state and φ. A Function rather than a reentrant
+    `checkpoint`: φ's gradient is returned as an input gradient, so autograd sums it over regions before
+    φ's accumulator fires once (what DDP's hooks expect), and ∇L_t is taken inside the region.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[..., tuple[Tensor, ...]], n_state: int, *args: Tensor) -> tuple[Tensor, ...]:
+        ctx.run, ctx.params = run, args[n_state:]
+        ctx.save_for_backward(*args[:n_state])
+        return run(*args[:n_state])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        state = [t.detach().requires_grad_(t.is_floating_point()) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            outs = ctx.run(*state)
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad]
+        wrt = [t for t in (*state, *ctx.params) if t.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+        return None, None, *[next(got) if t.requires_grad else None for t in (*state, *ctx.params)]
+
+
+def group_size(setting: int | str | None, unroll: int) -> int:
+    """meta.checkpoint_group: 'auto' -> √(unroll/2) rounded (fewest stored tensors); 0 or 1: per step only."""
+    if setting in ("auto", None):
+        return max(1, round(math.sqrt(unroll / 2)))
+    require(isinstance(setting, int) and setting >= 0, f"meta.checkpoint_group must be auto or an integer >= 0, "
+            f"got {setting!r}")
+    return int(setting)
+
+
+class Unroller:
+    """`unroll` inner steps of `rule` over a chunk of B streams: the meta-loss, θ_U and the hidden state.
+
+    `params`: φ, the tensors the meta-gradient is for (what nested checkpoint groups return gradients to).
+    `order` 2 keeps ∇L_t's dependence on earlier gates (create_graph). `ewc_lambda` > 0 adds λ/2 Σ F (θ_t − θ_0)²
+    once per step, like L_t.
+    """
+
+    def __init__(self, lm: Backbone, rule: Rule, dyn: DynamicWeights, params: list[nn.Parameter], segment: int,
+                 unroll: int, order: int = 1, checkpointing: bool = True, group: int = 0,
+                 ewc_lambda: float = 0.0) -> None:
+        require(order in (1, 2), f"meta.order must be 1 (first order) or 2 (second order), got {order}")
+        require(ewc_lambda == 0 or dyn.fisher is not None,
+                "meta.ewc_lambda > 0 needs the Fisher from fisher.pt; run `python train.py stage=fisher`")
+        self.lm, self.rule, self.dyn, self.params = lm, rule, dyn, params
+        self.segment, self.unroll, self.order = segment, unroll, order
+        self.checkpointing, self.group, self.ewc_lambda = checkpointing, group, ewc_lambda
+
+    def initial_state(self, batch: int) -> tuple[Tensor, Any]:
+        """θ_0 ([P], or [B, P] for B > 1 streams) and the backbone's initial state."""
+        theta = self.dyn.theta0.clone() if batch == 1 else self.dyn.theta0.expand(batch, -1).clone()
+        return theta, self.lm.init_hidden(batch)
+
+    def __call__(self, chunk: Tensor, resets: Tensor | None, theta: Tensor,
+                 hidden: Any) -> tuple[Tensor, Tensor, Any, int]:
+        """chunk [B, U·M+1], resets [B, U] bool (θ ← θ_0 before segment k of stream b; None: never) ->
+        (meta-loss, θ_U, hidden, tokens scored)."""
+        n_tok = self.unroll * self.segment * chunk.size(0)
+        g = self.group
+        if not (self.checkpointing and 1 < g < self.unroll):
+            total, theta, hidden = self.steps(chunk, resets, 0, self.unroll, theta, hidden)
+            return total / n_tok, theta, hidden, n_tok
+        total = theta.new_zeros(())
+        params = [p for p in self.params if p.requires_grad]
+        for k0 in range(0, self.unroll, g):
+            run = self._group_fn(chunk, resets, k0, min(self.unroll, k0 + g))
+            state = [theta, *[t for hc in hidden for t in hc]]
+            *state, part = CheckpointedSteps.apply(run, len(state), *state, *params)
+            theta, hidden = state[0], list(zip(state[1::2], state[2::2], strict=True))
+            total = total + part
+        return total / n_tok, theta, hidden, n_tok
+
+    def _group_fn(self, chunk: Tensor, resets: Tensor | None, k0: int, k1: int) -> Callable[..., tuple[Tensor, ...]]:
+        """Steps k0..k1 as a function of the flat state (θ, h_1, c_1, ...) -> (θ, h_1, c_1, ..., loss sum)."""
+
+        def run(theta: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
+            hidden = list(zip(flat[0::2], flat[1::2], strict=True))
+            total, theta, hidden = self.steps(chunk, resets, k0, k1, theta, hidden)
+            return theta, *[t for hc in hidden for t in hc], total
+
+        return run
+
+    def steps(self, chunk: Tensor, resets: Tensor | None, k0: int, k1: int, theta: Tensor,
+              hidden: Any) -> tuple[Tensor, Tensor, Any]:
+        """Inner steps k0..k1-1 of the unroll: (summed token loss (+ EWC), θ, hidden)."""
+        m = self.segment
+        total = theta.new_zeros(())
+        for k in range(k0, k1):
+            x, y = chunk[:, k * m : (k + 1) * m], chunk[:, k * m + 1 : (k + 1) * m + 1]
+            reset = None if resets is None else resets[:, k].to(theta.device)
+            if reset is not None and bool(reset.any()):  # an article starts in this segment: θ ← θ_0 there
+                theta = self.dyn.theta0.clone() if theta.dim() == 1 else torch.where(reset[:, None], self.dyn.theta0,
+                                                                                     theta)
+            theta, hidden, lsum = inner_step(self.lm, self.rule, self.dyn.spec, theta, hidden, x, y,
+                                             self.order == 2, self.checkpointing)
+            total = total + lsum
+            if self.ewc_lambda:  # counts once per step, like L_t (the total is divided by tokens)
+                pen = checkpoint(self.dyn.ewc_penalty, theta, self.ewc_lambda, use_reentrant=False) \
+                    if self.checkpointing else self.dyn.ewc_penalty(theta, self.ewc_lambda)
+                total = total + pen * y.numel()
+        return total, theta, hidden

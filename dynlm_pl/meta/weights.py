@@ -1,0 +1,114 @@
+"""Dynamic weights θ_t: which parameters of a backbone adapt, and the flat layout every update rule works on.
+
+The dynamic parameters live in ONE flat vector θ of P floats ([P], or [B, P] for B streams that each keep their own
+weights); `DynamicSpec.unflatten` turns it into named views for `torch.func.functional_call`, so the rest of the
+model stays static (its own, frozen, parameters). A flat vector makes every update rule a few whole-vector ops
+instead of a loop over tensors: batch-1 dynamic evaluation is bound by memory traffic, so that matters.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dynlm_pl.errors import require
+
+
+@dataclass(frozen=True)
+class DynamicSpec:
+    """Names, shapes and sizes of the dynamic parameters, in `named_parameters()` order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
+        """{name: tensor} -> [P] (a copy)."""
+        return torch.cat([tensors[n].detach().reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """[P] -> {name: view of shape}, [B, P] -> {name: [B, *shape]}; differentiable (gradients flow back
+        into `flat`)."""
+        lead = flat.shape[:-1]
+        return {n: t.view(*lead, *s) for n, t, s in zip(self.names, flat.split(self.sizes, -1), self.shapes,
+                                                         strict=True)}
+
+
+def select_dynamic(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> DynamicSpec:
+    """Parameters whose name matches an `include` glob and no `exclude` glob (all by default)."""
+    names, shapes = [], []
+    for n, p in model.named_parameters():
+        if any(fnmatch.fnmatch(n, pat) for pat in include) and not any(fnmatch.fnmatch(n, pat) for pat in exclude):
+            names.append(n)
+            shapes.append(p.shape)
+    require(bool(names), f"no parameter matches meta.dynamic include={list(include)} exclude={list(exclude)}; "
+            f"parameters are: {', '.join(n for n, _ in model.named_parameters())}")
+    return DynamicSpec(tuple(names), tuple(shapes))
+
+
+@dataclass
+class DynamicWeights:
+    """Everything per coordinate that rules and the meta-learner read, flat [P], on the model's device.
+
+    theta0: θ_0, where adaptation starts and FLUSH/decay return to. ms: Krause's mean squared batch
+    gradients (RMS = sqrt(ms)), fisher: diagonal Fisher, both optional (from `fisher.pt`).
+    """
+
+    spec: DynamicSpec
+    theta0: Tensor
+    ms: Tensor | None = None
+    fisher: Tensor | None = None
+
+    @classmethod
+    def build(cls, model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
+              fisher_art: Any | None = None) -> DynamicWeights:
+        """θ_0 from the model itself (or the artifact's theta0, which must agree in shape)."""
+        spec = select_dynamic(model, include, exclude)
+        params = dict(model.named_parameters())
+        theta0 = spec.flatten(params)
+        ms = fisher = None
+        if fisher_art is not None:
+            for n in spec.names:
+                require(n in fisher_art.ms and fisher_art.ms[n].shape == params[n].shape,
+                        f"fisher.pt has no statistics of shape {tuple(params[n].shape)} for {n}; "
+                        "rerun `python train.py stage=fisher` for this LM")
+            dev = theta0.device
+            ms = spec.flatten(fisher_art.ms).to(dev, theta0.dtype)
+            fisher = spec.flatten(fisher_art.fisher).to(dev, theta0.dtype) if fisher_art.fisher else None
+        return cls(spec, theta0, ms, fisher)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DynamicWeights:
+        mv = lambda t: None if t is None else t.to(device, dtype or t.dtype)
+        return DynamicWeights(self.spec, mv(self.theta0), mv(self.ms), mv(self.fisher))
+
+
+    def ewc_penalty(self, theta: Tensor, lam: float) -> Tensor:
+        """EWC: λ/2 Σ F (θ − θ_0)² over the flat vector (differentiable in θ)."""
+        require(self.fisher is not None, "the EWC penalty needs the Fisher from fisher.pt; run "
+                "`python train.py stage=fisher`")
+        return 0.5 * lam * (self.fisher * (theta - self.theta0).square()).sum()
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """The LM's own parameters never train here (and must not, under DDP): requires_grad False."""
+    model.requires_grad_(False)
+    return model
+
+
+def offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, length) of each tensor in the flat vector."""
+    return list(zip(itertools.accumulate([0, *sizes[:-1]]), sizes, strict=True))

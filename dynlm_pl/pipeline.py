@@ -1,0 +1,54 @@
+"""Running stages by name, each timed: `stage=all` runs the stages listed in `pipeline` (lm -> fisher -> meta ->
+evaluate by default; `meta_noflush` is the meta stage with gate.flush=false, the two-level ablation)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dynlm_pl import evaluation
+from dynlm_pl.config import check_config
+from dynlm_pl.errors import require
+from dynlm_pl.runtime import barrier
+from dynlm_pl.stages import fisher, lm, meta
+
+Stage = Callable[[DictConfig], dict[str, Any]]
+STAGES: dict[str, Stage] = {"lm": lm.run, "fisher": fisher.run, "meta": meta.run, "evaluate": evaluation.run}
+PIPELINE = ["lm", "fisher", "meta", "evaluate"]  # `pipeline` when a config has none
+VARIANTS = {"meta_noflush": ("meta", {"gate.flush": False})}  # a stage run with these settings changed
+
+
+def stage_fn(name: str) -> Stage:
+    base = VARIANTS.get(name, (name, {}))[0]
+    require(base in STAGES, f"unknown stage {name!r}; use one of {', '.join([*STAGES, *VARIANTS])} or all")
+    return STAGES[base]
+
+
+def stage_config(cfg: DictConfig, name: str) -> DictConfig:
+    """cfg for one stage: a variant's settings applied to a copy."""
+    if name not in VARIANTS:
+        return cfg
+    c = cfg.copy()
+    for key, value in VARIANTS[name][1].items():
+        OmegaConf.update(c, key, value, merge=False)
+    return c
+
+
+def run_stages(cfg: DictConfig) -> dict[str, Any]:
+    check_config(cfg)
+    names = list(cfg.get("pipeline") or PIPELINE) if cfg.stage == "all" else [cfg.stage]
+    for n in names:
+        stage_fn(n)  # fail on a bad name before any work is done
+    results, times = {}, {}
+    for n in names:
+        t0 = time.time()
+        results[n] = stage_fn(n)(stage_config(cfg, n))
+        barrier()
+        times[n] = time.time() - t0
+        print(f"[{n}] stage done in {times[n]:.1f}s", flush=True)
+    if len(names) > 1:
+        print("stage times: " + ", ".join(f"{n} {t:.1f}s" for n, t in times.items()), flush=True)
+    return results

@@ -1,0 +1,131 @@
+"""Turning the composed Hydra config into running objects: the run directory, the DataModule, the Trainer with its
+loggers and checkpoint callbacks, and the baselines tuned for this run. Stages and evaluation start here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from dynlm_pl import artifacts
+from dynlm_pl.data import WikiText2DataModule
+from dynlm_pl.errors import DynlmError, require
+from dynlm_pl.meta.tuning import tune
+from dynlm_pl.meta.weights import DynamicWeights
+from dynlm_pl.models import Backbone
+from dynlm_pl.resume import ResumeCheckpoint
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """The experiment's stable directory (`runs/<name>/`) where stages leave and find artifacts.
+
+    With `from_run` set, that run's lm.ckpt and fisher.pt are linked in first (see `import_artifacts`).
+    """
+    d = Path(cfg.paths.run_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DynlmError(f"cannot create the run directory {d} ({e.strerror}); "
+                         "set paths.root to a writable directory") from None
+    require(os.access(d, os.W_OK), f"run directory {d} is not writable; set paths.root to a writable directory")
+    if cfg.get("from_run"):
+        artifacts.import_artifacts(Path(cfg.paths.root) / str(cfg.from_run), d)
+    return d
+
+
+def best_model_score(ckpt: Any) -> float | None:
+    """A ModelCheckpoint's best score; under ddp_spawn only the path comes back, so read it from the file."""
+    if ckpt.best_model_score is not None:
+        return float(ckpt.best_model_score)
+    if not ckpt.best_model_path:
+        return None
+    state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
+    return next((float(c["best_model_score"]) for c in state.get("callbacks", {}).values()
+                 if isinstance(c, dict) and c.get("best_model_score") is not None), None)
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, but a DynlmError raised by the target stays a DynlmError.
+
+    Hydra wraps whatever the target raises in a multi-line InstantiationException, which would turn
+    e.g. `data.bptt=-3` into a traceback with exit status 1 instead of our one-line error.
+    """
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, DynlmError):
+            raise e.__cause__ from None
+        raise
+
+
+def make_datamodule(cfg: DictConfig, **overrides: Any) -> WikiText2DataModule:
+    return instantiate(cfg.data, **overrides)
+
+
+def make_loggers(cfg: DictConfig) -> list[Any]:
+    if not cfg.get("logger"):
+        return []
+    return [instantiate(c) for c in cfg.logger.values() if c is not None and "_target_" in c]
+
+
+def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, callbacks: list | None = None,
+                 **kwargs: Any) -> L.Trainer:
+    """cfg.trainer, with a stage's own trainer settings (e.g. `lm.trainer`) merged on top.
+
+    `ckpt_every_n_steps` in those settings is ours, not Lightning's: when present it adds a ResumeCheckpoint
+    writing `last.ckpt` after every validation and every that many steps (0: after validations only).
+    """
+    overrides = dict(overrides or {})
+    every = overrides.pop("ckpt_every_n_steps", None)
+    tcfg = OmegaConf.merge(cfg.trainer, overrides)
+    callbacks = list(callbacks or [])
+    if every is not None:
+        require(isinstance(every, int) and every >= 0,
+                f"ckpt_every_n_steps must be a number of steps (0: after validations only), got {every!r}")
+        callbacks.append(ResumeCheckpoint(every))
+    return instantiate(tcfg, callbacks=callbacks, logger=make_loggers(cfg) or False, **kwargs)
+
+
+def model_spec(cfg_model: DictConfig | dict) -> dict[str, Any]:
+    """The model group as primitives, `_target_` included (`models.build_model` instantiates it): what the LM
+    module's hyperparameters and lm.ckpt store."""
+    return OmegaConf.to_container(cfg_model, resolve=True) if isinstance(cfg_model, DictConfig) else dict(cfg_model)
+
+
+def primitives(node: DictConfig) -> dict[str, Any]:
+    """A config group's settings as a plain dict without Hydra keys, as LightningModules take them."""
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+
+
+def barrier() -> None:
+    """Under torchrun / strategy=ddp every rank runs every stage and only rank 0 writes its artifacts:
+    the others wait here before the next stage reads them (lm.ckpt, fisher.pt)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def tuned_baselines(cfg: DictConfig, out: Path, lm: Backbone, valid: torch.Tensor, dyn: DynamicWeights, lm_sha: str,
+                    methods: list[str]) -> dict[str, dict[str, Any]]:
+    """tuned.json for this LM, segment and grid if it exists, else tune now (eval.tune on the first eval.tune.tokens
+    of the validation split) and store it. Shared by the meta stage (φ starts at the better tuned rule) and
+    evaluate.py (the baselines' rows)."""
+    t = cfg.eval.tune
+    max_drift = cfg.eval.get("max_drift")
+    key = {"lm_sha256": lm_sha, "segment": int(cfg.eval.segment), "tokens": int(t.tokens),
+           "grid": OmegaConf.to_container(t, resolve=True), "max_drift": max_drift}
+    path = out / "tuned.json"
+    best = artifacts.load_tuned(path, key, methods)
+    if best is not None:
+        print(f"[evaluate] reusing tuned baselines from {path}")
+        return best
+    best = tune(lm, valid[: int(t.tokens)], dyn, int(cfg.eval.segment), t, methods, max_drift)
+    artifacts.save_tuned(path, key, best)
+    return best

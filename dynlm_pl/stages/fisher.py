@@ -1,0 +1,102 @@
+"""Stage `fisher`: diag F of the pretrained LM over the training stream -> `<run_dir>/fisher.pt`.
+
+`python train.py stage=fisher` reads `<run_dir>/lm.ckpt`, runs the chosen estimator (F) and Krause's
+`batch_ms` (ms; once if it is the estimator) as Lightning test loops over the frozen LM, and writes the
+artifact of `dynlm_pl.fisher` atomically, only once every pass has finished with finite values.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from dynlm_pl import artifacts
+from dynlm_pl.data import FisherCut
+from dynlm_pl.errors import DynlmError, require
+from dynlm_pl.files import file_sha256
+from dynlm_pl.fisher import ESTIMATORS, FisherArtifact, summarize
+from dynlm_pl.runtime import make_datamodule, make_trainer, run_dir
+from dynlm_pl.systems.fisher import FisherModule
+
+
+def _table(fisher: dict[str, Tensor]) -> str:
+    lines = [f"  {'tensor':<22} {'shape':>12} {'min':>10} {'median':>10} {'max':>10}"]
+    for name, shape, lo, med, hi in summarize(fisher):
+        lines.append(f"  {name:<22} {'x'.join(map(str, shape)):>12} {lo:>10.3g} {med:>10.3g} {hi:>10.3g}")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """`python train.py stage=fisher`: F (fisher.estimator) and ms (batch_ms) of lm.ckpt -> fisher.pt."""
+    out = run_dir(cfg)
+    fc = cfg.fisher
+    require(fc.estimator in ESTIMATORS, f"fisher.estimator must be one of {', '.join(ESTIMATORS)}, "
+            f"got {fc.estimator!r}")
+    for key in ("batch_size", "window", "ms_batch_size", "ms_window"):
+        require(isinstance(fc[key], int) and fc[key] >= 1, f"fisher.{key} must be a positive integer, "
+                f"got {fc[key]!r}")
+    require(fc.tokens is None or (isinstance(fc.tokens, int) and fc.tokens >= 0),
+            f"fisher.tokens must be a number of tokens, or null/0 for the whole split, got {fc.tokens!r}")
+    lm_path = out / "lm.ckpt"
+    model, prov = artifacts.load_lm(lm_path)
+    lm_sha = file_sha256(lm_path)
+    dm = make_datamodule(cfg)
+    corpus = dm.load()
+    artifacts.check_same_data(prov, corpus.vocab_hash, f"the LM in {lm_path}")
+    require(fc.split in corpus.splits, f"fisher.split must be one of {', '.join(corpus.splits)}, got {fc.split!r}")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    passes = {fc.estimator: (fc.batch_size, fc.window) if fc.estimator == "empirical"
+              else (fc.ms_batch_size, fc.ms_window)}
+    passes.setdefault("batch_ms", (fc.ms_batch_size, fc.ms_window))
+    done: dict[str, tuple[dict[str, Tensor], int, float]] = {}
+    world = 1
+    for est, (batch, window) in passes.items():
+        partial = out / f".fisher-{est}.partial.pt"  # rank 0's result of one pass, never a fisher.pt
+        partial.unlink(missing_ok=True)
+        # Gradients inside the test loop: inference mode would forbid them whatever the config says. Full
+        # precision whatever trainer.precision says: F sums squared per-example gradients (bf16 would round
+        # them, fp16 underflow them), and the written-out forward mixes dtypes under autocast.
+        trainer = make_trainer(cfg, {"inference_mode": False, "precision": "32-true"})
+        module = FisherModule(model, est, partial)
+        dm.use(FisherCut(str(fc.split), fc.tokens or None, batch, window, int(fc.seed)))
+        t0 = time.time()
+        trainer.test(module, datamodule=dm, verbose=False)
+        world = trainer.world_size
+        if trainer.interrupted:
+            raise DynlmError(f"the Fisher pass ({est}) was interrupted; {out / 'fisher.pt'} was left as it was: "
+                             "rerun `python train.py stage=fisher`")
+        if not trainer.is_global_zero:  # under strategy=ddp the other ranks run this too; rank 0 writes
+            return {}
+        require(partial.is_file(), f"the Fisher pass ({est}) ended without a result; check "
+                "trainer.limit_test_batches and fisher.tokens, then rerun `python train.py stage=fisher`")
+        blob = torch.load(partial, weights_only=True)
+        partial.unlink()
+        done[est] = (blob["fisher"], blob["tokens"], time.time() - t0)
+
+    fisher, n_tok, secs = done[fc.estimator]
+    ms, ms_tok, ms_secs = done["batch_ms"]
+    for name, d in (("F", fisher), ("ms", ms)):
+        bad = [k for k, v in d.items() if not torch.isfinite(v).all()]
+        require(not bad, f"{name} is not finite in {', '.join(bad)} (the LM's loss diverges on this data?); "
+                f"{out / 'fisher.pt'} was left as it was")
+    art = FisherArtifact(
+        theta0={k: p.detach().cpu().clone() for k, p in model.named_parameters()},
+        fisher=fisher, ms=ms, estimator=fc.estimator, tokens=n_tok, lm_sha256=lm_sha,
+        meta={"batch_size": passes[fc.estimator][0], "window": passes[fc.estimator][1],
+              "ms_batch_size": fc.ms_batch_size, "ms_window": fc.ms_window, "ms_tokens": ms_tok,
+              "requested_tokens": fc.tokens or 0, "split": fc.split, "seed": fc.seed,
+              "data_source": corpus.source, "vocab_hash": corpus.vocab_hash, "world_size": world,
+              "seconds": secs, "ms_seconds": ms_secs if fc.estimator != "batch_ms" else 0.0,
+              "lm_path": str(lm_path), "torch": str(torch.__version__)})
+    artifacts.save_fisher(art, out / "fisher.pt")
+    total = secs + (ms_secs if fc.estimator != "batch_ms" else 0.0)
+    print(f"[fisher] {fc.estimator} F over {n_tok:,} {fc.split} tokens in {secs:.1f}s"
+          + (f", batch_ms over {ms_tok:,} in {ms_secs:.1f}s" if fc.estimator != "batch_ms" else "")
+          + f"; wrote {out / 'fisher.pt'}\n{_table(fisher)}", flush=True)
+    return {"estimator": fc.estimator, "tokens": n_tok, "seconds": total, "path": str(out / "fisher.pt")}

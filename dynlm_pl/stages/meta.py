@@ -1,0 +1,205 @@
+"""Stage `meta`: meta-train φ (`python train.py stage=meta unroll=40`) and write `meta.ckpt`.
+
+With a gate that starts at Krause's rule (gate=krause_init / krause_fast) the baselines are tuned first (the
+tuned.json evaluate.py reuses) and φ starts exactly at the better of the tuned sgd and rms rules. φ at
+initialization is a candidate too: meta.ckpt is the best φ by adaptive loss on the selection slice, never worse
+there than where it started.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from dynlm_pl import artifacts
+from dynlm_pl.data import MetaCut, WikiText2DataModule
+from dynlm_pl.errors import DynlmError, require
+from dynlm_pl.files import atomic_copy, file_sha256
+from dynlm_pl.fisher import FisherArtifact
+from dynlm_pl.meta.learner import KRAUSE_FORMS
+from dynlm_pl.meta.rules import build_rule
+from dynlm_pl.meta.scoring import adaptive_eval
+from dynlm_pl.meta.unroll import group_size
+from dynlm_pl.meta.weights import DynamicWeights
+from dynlm_pl.models import Backbone
+from dynlm_pl.resume import check_resumable
+from dynlm_pl.runtime import best_model_score, make_datamodule, make_trainer, run_dir, tuned_baselines
+from dynlm_pl.systems.meta import MetaTrainModule
+
+
+def gate_config(cfg: DictConfig, has_fisher: bool) -> dict[str, Any]:
+    """cfg.gate as a dict; features needing fisher.pt are dropped (with a note) when it is absent."""
+    gate = OmegaConf.to_container(cfg.gate, resolve=True)
+    if gate.get("param") in KRAUSE_FORMS:
+        require(has_fisher, "gate=krause_init/krause_fast start from Krause's RMS rule, which needs his gradient "
+                "statistics from fisher.pt: run `python train.py stage=fisher` first (or use gate=paper)")
+    if not has_fisher:
+        drop = [f for f in gate.get("features", []) if f in ("fisher", "rms")]
+        if drop:
+            print(f"[meta] no fisher.pt in the run directory: meta-learner features {drop} disabled "
+                  "(run `python train.py stage=fisher` to use them)")
+            gate["features"] = [f for f in gate["features"] if f not in drop]
+    return gate
+
+
+def start_from_tuned(gate: dict[str, Any], tuned: dict[str, Any]) -> None:
+    """Set the residual gate's starting rule to whichever tuned better on the validation slice: Krause's RMS rule,
+    or plain SGD (a = −η, no decay)."""
+    if tuned["sgd"]["tune_loss"] < tuned["rms"]["tune_loss"]:
+        gate.update(lr=tuned["sgd"]["hparams"]["lr"], lamb=0.0, rms_scale=False)
+        print(f"[meta] gate param={gate['param']} starts from the tuned sgd rule {tuned['sgd']['hparams']} (it"
+              " beat rms on the validation slice)")
+    else:
+        gate.update(**tuned["rms"]["hparams"], rms_scale=True)
+        print(f"[meta] gate param={gate['param']} starts from the tuned rms rule {tuned['rms']['hparams']}")
+
+
+def baselines(lm: Backbone, dyn: DynamicWeights, tokens: Tensor, cfg: DictConfig,
+              tuned: dict[str, Any] | None = None) -> dict[str, float]:
+    """Validation-slice loss of static, SGD and (with ms) Krause's RMS rule: what φ must beat. The tuned
+    hyperparameters (tuned.json) when there are, else meta.baseline's."""
+    b = cfg.meta.baseline
+    hps = {"static": {}, "sgd": tuned["sgd"]["hparams"] if tuned else {"lr": b.sgd_lr},
+           "rms": tuned["rms"]["hparams"] if tuned else {"lr": b.rms_lr, "lamb": b.rms_lamb, "eps": b.rms_eps}}
+    methods = ["static", "sgd"] + (["rms"] if dyn.ms is not None else [])
+    return {k: float(adaptive_eval(lm, tokens, build_rule(k, hps[k], dyn), int(cfg.meta.segment), dyn).mean())
+            for k in methods}
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # a diverged rule prints e^50, not an OverflowError
+
+
+def _inputs(cfg: DictConfig, out: Path) -> tuple[Backbone, WikiText2DataModule, str, FisherArtifact | None]:
+    """The frozen LM, the DataModule, lm.ckpt's hash and the optional fisher.pt."""
+    m = cfg.meta
+    dm = make_datamodule(cfg)
+    corpus = dm.load()
+    lm_path = out / "lm.ckpt"
+    lm, prov = artifacts.load_lm(lm_path)
+    artifacts.check_same_data(prov, corpus.vocab_hash, f"the LM in {lm_path}")
+    lm_sha = file_sha256(lm_path)
+    if int(m.streams) > 1 and int(m.order) == 2 and getattr(lm, "kernel", None) == "fused":
+        print("[meta] meta.streams > 1 with meta.order=2: per-stream weights need the double-differentiable LSTM, "
+              "switching the LM to kernel=manual (same weights, same numbers)")
+        lm.kernel = "manual"
+    return lm, dm, lm_sha, artifacts.load_fisher_optional(out, lm_sha)
+
+
+def _module(cfg: DictConfig, out: Path, lm: Backbone, dm: WikiText2DataModule, lm_sha: str,
+            art: FisherArtifact | None) -> tuple[MetaTrainModule, dict[str, Any] | None]:
+    """The module with φ at its starting rule, and the tuned baselines (None unless the gate starts from them);
+    the DataModule is cut for meta-training."""
+    m = cfg.meta
+    gate = gate_config(cfg, art is not None)
+    dm.use(MetaCut(str(m.get("data", "train")), int(cfg.unroll), int(m.segment), int(m.streams),
+                   int(m.val_tokens) if m.val_tokens else None, bool(m.reset_at_articles)))
+    tuned = None
+    if gate.get("param") in KRAUSE_FORMS and m.get("init_from_tuned", True):
+        valid = dm.load().splits["valid"]
+        tuned = tuned_baselines(cfg, out, lm, valid, DynamicWeights.build(lm, fisher_art=art), lm_sha, ["sgd", "rms"])
+        start_from_tuned(gate, tuned)
+    dyn = DynamicWeights.build(lm, list(m.dynamic.include), list(m.dynamic.exclude), art)
+    group = group_size(m.get("checkpoint_group", 0), int(cfg.unroll))
+    print(f"[meta] {len(dyn.spec.names)} dynamic tensors, {dyn.spec.numel:,} coordinates; gate={gate['param']}, "
+          f"unroll={cfg.unroll}, segment={m.segment}, streams={m.streams}, order={m.order}, "
+          f"checkpointing={m.checkpointing} (group {group}), fisher.pt={'yes' if art is not None else 'no'}")
+    corpus = dm.load()
+    module = MetaTrainModule(
+        lm, dyn, gate, segment=int(m.segment), unroll=int(cfg.unroll), order=int(m.order),
+        checkpointing=bool(m.checkpointing), checkpoint_group=group, reset_every=int(m.reset_every),
+        ewc_lambda=float(m.ewc_lambda), lr=float(m.optim.lr), weight_decay=float(m.optim.weight_decay),
+        clip=float(m.optim.clip), streams=int(m.streams),
+        provenance={"lm_sha256": lm_sha, "fisher_sha256": file_sha256(out / "fisher.pt") if art else None,
+                    "data_source": corpus.source, "vocab_hash": corpus.vocab_hash,
+                    "dynamic": OmegaConf.to_container(m.dynamic, resolve=True)})
+    # The compiled update (MetaLearner.fused_update / fused_apply_): in training and in validation
+    module.meta.fused = bool(m.get("fused_gate", False))
+    return module, tuned
+
+
+def _fit(cfg: DictConfig, module: MetaTrainModule, dm: WikiText2DataModule,
+         ckdir: Path) -> tuple[L.Trainer, ModelCheckpoint]:
+    m = cfg.meta
+    ckpt = ModelCheckpoint(dirpath=ckdir, filename="meta-best", monitor="val/adaptive_loss", mode="min",
+                           save_last=True, save_top_k=1, enable_version_counter=False)
+    trainer = make_trainer(cfg, m.get("trainer"), callbacks=[ckpt], max_epochs=-1, max_steps=int(m.steps),
+                           max_time=m.get("max_time"), val_check_interval=int(m.val_every),
+                           check_val_every_n_epoch=None, limit_val_batches=1)
+    require(int(m.streams) % trainer.world_size == 0, f"meta.streams={m.streams} cannot be split evenly over "
+            f"{trainer.world_size} processes; make it a multiple of trainer.devices × trainer.num_nodes")
+    resume = ckdir / "last.ckpt"
+    ckpt_path = str(resume) if cfg.get("resume") and resume.is_file() else None
+    if ckpt_path:
+        check_resumable(resume)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        raise DynlmError("meta-training was interrupted; rerun with resume=true to continue from last.ckpt")
+    return trainer, ckpt
+
+
+def _export(out: Path, art_name: str, ckpt: ModelCheckpoint, init: float, init_ckpt: dict[str, Any]) -> float:
+    """Write `<art_name>.ckpt`: the best φ, or the initial φ if no validation beat it; returns its loss."""
+    best = ckpt.best_model_path or ckpt.last_model_path
+    require(bool(best), "meta-training ended without a checkpoint (no validation ran); lower meta.val_every "
+            "below meta.steps")
+    score = best_model_score(ckpt)  # ddp_spawn sends back only the path
+    best_loss = float(score) if score is not None else math.nan
+    if best_loss <= init:
+        # meta.ckpt is φ and its provenance: the resume state (θ and hidden state, one LM-sized vector per
+        # stream) stays in checkpoints/ only
+        state = torch.load(best, map_location="cpu", weights_only=False)
+        state.pop("resume_state", None)
+        artifacts.atomic_torch_save(state, out / f"{art_name}.ckpt")
+    else:
+        print(f"[meta] no validation beat φ at initialization (best ppl {_ppl(best_loss):.2f} vs "
+              f"{_ppl(init):.2f}): {art_name}.ckpt keeps the initial φ")
+        best_loss = init
+        artifacts.atomic_torch_save(init_ckpt, out / f"{art_name}.ckpt")
+    last = ckpt.last_model_path or str(Path(best).parent / "last.ckpt")  # ddp_spawn sends back only the best
+    if Path(last).is_file():
+        atomic_copy(last, out / f"{art_name}-last.ckpt")
+    return best_loss
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """`python train.py stage=meta unroll=40`: meta-train φ, write `<run_dir>/meta.ckpt` (best by val;
+    `meta_noflush.ckpt` with gate.flush=false), and `*-last.ckpt`."""
+    out = run_dir(cfg)
+    if cfg.meta.get("num_threads"):
+        torch.set_num_threads(int(cfg.meta.num_threads))
+    L.seed_everything(cfg.seed, workers=True)
+    lm, dm, lm_sha, art = _inputs(cfg, out)
+    module, tuned = _module(cfg, out, lm, dm, lm_sha, art)
+    t0 = time.time()
+    val = dm.selection_slice()
+    base = baselines(lm, module.dyn, val, cfg, tuned)
+    init = module.adaptive_loss(val)
+    print("[meta] validation slice (" + f"{val.numel()} tokens) ppl: "
+          + ", ".join(f"{k} {_ppl(v):.2f}" for k, v in base.items()) + f", meta@init {_ppl(init):.2f}")
+    # φ at initialization is a candidate too: with gate=krause_init it IS Krause's rule, which meta.ckpt
+    # must never do worse than on the validation slice.
+    init_ckpt = {"hyper_parameters": dict(module.hparams), "dynamic_names": list(module.dyn.spec.names),
+                 "n_unrolls": 0,
+                 "state_dict": {f"meta.{k}": v.detach().clone() for k, v in module.meta.state_dict().items()}}
+    # Without FLUSH (gate.flush=false) the artifact is the two-level model evaluate.py calls meta_noflush.
+    art_name = "meta" if module.hparams.gate.get("flush", True) else "meta_noflush"
+    trainer, ckpt = _fit(cfg, module, dm, out / "checkpoints" / art_name)
+    if not trainer.is_global_zero:  # under strategy=ddp / torchrun every rank runs this; rank 0 writes
+        return {}
+    best_loss = _export(out, art_name, ckpt, init, init_ckpt)
+    score = best_model_score(ckpt)
+    res = {"val_ppl": _ppl(best_loss), "val_ppl_trained": _ppl(float(score)) if score is not None else math.nan,
+           "val_ppl_init": _ppl(init), **{f"val_ppl_{k}": _ppl(v) for k, v in base.items()},
+           "steps": trainer.global_step, "skipped": module.skipped, "seconds": time.time() - t0}
+    print(f"[meta] best val adaptive ppl {res['val_ppl']:.2f} (init {res['val_ppl_init']:.2f}, static "
+          f"{res['val_ppl_static']:.2f}); wrote {out / f'{art_name}.ckpt'} in {res['seconds']:.0f}s")
+    return res
