@@ -39,16 +39,11 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import torch
+from presets import preset
 
 from dynlm_pl.cli import keep_freed_memory
 
-SMALL = dict(emb_size=256, hidden_size=512, num_layers=2)
-V = 33278
-GATE = dict(param="krause", hidden=[], activation="tanh", features=["theta", "delta", "grad", "loss", "fisher", "rms"],
-            embed_dim=4, flush=True, lr=5e-5, lamb=0.002, eps=2e-5)
-GATES = {"krause_init": GATE,  # conf/gate/*.yaml, as the WikiText-2 runs use them
-         "krause_fast": dict(GATE, param="rational", features=["theta", "dnorm", "gnorm", "loss", "fisher", "rms"],
-                             clamp=20.0)}
+V = 33278  # WikiText-2's vocabulary
 
 
 def one(method: str, streams: int, segment: int, tokens: int, static_embedding: bool, fused: bool,
@@ -63,7 +58,7 @@ def one(method: str, streams: int, segment: int, tokens: int, static_embedding: 
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = AWDLSTM(V, **SMALL, kernel=kernel).to(dev).eval().requires_grad_(False)
+    model = AWDLSTM(V, **{**preset("model", "small"), "kernel": kernel}).to(dev).eval().requires_grad_(False)
     data = torch.randint(0, V, (streams * tokens + 1,), device=dev)
 
     ms = {k: torch.rand_like(p) * 1e-6 + 1e-9 for k, p in model.named_parameters()}
@@ -76,7 +71,7 @@ def one(method: str, streams: int, segment: int, tokens: int, static_embedding: 
         static_losses(model, data, bptt=70, streams=streams)
     else:
         if method.startswith("meta"):  # meta_noflush: z ≡ 0 and λ = 0, as tuned on WikiText-2 (f ≡ 1)
-            g = GATES[gate]
+            g = preset("gate", gate)
             meta = build_meta_learner(dict(g, flush=False, lamb=0.0) if method == "meta_noflush" else g,
                                       len(dyn.spec.names)).eval()
             meta.fused = fused
@@ -157,7 +152,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--profile", metavar="FILE", help="also profile each timed run, top operators appended to FILE")
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration, the fastest kept (noisy machines)")
-    ap.add_argument("--gate", default="krause_init", choices=list(GATES), help="the meta-learner meta/meta_noflush use")
+    ap.add_argument("--gate", default="krause_init", choices=["krause_init", "krause_fast", "paper"],
+                    help="the conf/gate preset meta/meta_noflush use")
     ap.add_argument("--max-drift", type=float, metavar="R",
                     help="time the loop as evaluate.py runs it (evaluation.method_losses): eval.max_drift=R and the "
                          "drift ‖θ_t − θ_0‖ recorded after every update; default: the bare adaptive_eval loop")
@@ -174,7 +170,8 @@ def main() -> None:
                  "drop --device")
     m = machine(a.device)
     # LM FLOPs per token (forward): 2·4H(I+H) per layer + 2·E·V softmax; training-like backward = 2x more
-    E, H = SMALL["emb_size"], SMALL["hidden_size"]
+    small = preset("model", "small")
+    E, H = small["emb_size"], small["hidden_size"]
     lstm, softmax = 2 * 4 * H * (E + H) + 2 * 4 * E * (H + E), 2 * E * V  # layers E->H and H->E (last = emb)
     fwd = lstm + softmax
     print(f"model=small, device {a.device}, {a.threads} threads, load average {os.getloadavg()[0]:.1f}; "

@@ -19,16 +19,13 @@ import time
 from pathlib import Path
 
 import torch
+from presets import GATE_OF_PARAM, preset
 
 from dynlm_pl.cli import keep_freed_memory
 from dynlm_pl.meta.learner import MetaLearner
 from dynlm_pl.meta.rules import GateRule
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import AWDLSTM
-
-FEATURES = ["theta", "delta", "grad", "loss", "fisher", "rms"]
-# per parametrization where it differs (param rational = conf/gate/krause_fast.yaml: no exp/log features)
-FORM = {"rational": dict(features=["theta", "dnorm", "gnorm", "loss", "fisher", "rms"], clamp=20.0)}
 
 
 def best_of(fn, repeat: int) -> float:
@@ -60,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     keep_freed_memory()  # as train.py/evaluate.py: parameter-sized temporaries reuse the heap, no page faults
     torch.manual_seed(0)
-    model = AWDLSTM(vocab_size=33278, emb_size=256, hidden_size=512, num_layers=2)
+    model = AWDLSTM(33278, **preset("model", "small"))
     dyn = DynamicWeights.build(model)
     dyn.ms = torch.rand_like(dyn.theta0) * 1e-6 + 1e-9
     dyn.fisher = dyn.ms
@@ -73,8 +70,8 @@ def main() -> None:
         sgd = best_of(lambda: theta.clone().add_(grad, alpha=-1e-3), a.repeat)
         for param in a.params:
             for h in a.hidden:
-                kw = dict(features=FEATURES) | FORM.get(param, {})
-                meta = MetaLearner(len(dyn.spec.names), hidden=[h] if h else [], param=param, embed_dim=4, **kw)
+                kw = preset("gate", GATE_OF_PARAM[param]) | {"hidden": [h] if h else []}
+                meta = MetaLearner(len(dyn.spec.names), **kw)
                 rule = GateRule(meta, dyn)
                 full = best_of(lambda rule=rule: rule.update(theta, grad, loss), a.repeat)
                 th = theta.clone()
@@ -90,8 +87,8 @@ def main() -> None:
                 print(param, h, f"whole {full:.3f}s chunked {chunked:.3f}s fused {fused:.3f}s train {train}",
                       flush=True)
     lines = [f"`python bench/bench_gate.py {' '.join(sys.argv[1:])}`: one update of all {dyn.spec.numel:,} coordinates "
-             f"of model=small (features {', '.join(FEATURES)}; rational: {', '.join(FORM['rational']['features'])}; "
-             f"tensor embedding 4), best of {a.repeat}; plain SGD "
+             f"of model=small (each gate as its conf/gate preset ships it: {GATE_OF_PARAM}, with the hidden width of "
+             f"the row), best of {a.repeat}; plain SGD "
              f"step (θ − η∇L, a copy) {1000 * sgd:.0f} ms.", "",
              "| gate | hidden | whole vector (GateRule.update) | chunked in place (apply_) | fused, compiled "
              "(eval.fused_gate) | fused vs SGD step | training fwd+bwd, eager | training fwd+bwd, fused "
@@ -121,9 +118,9 @@ def streams(a: argparse.Namespace, dyn: DynamicWeights) -> None:
             for h in a.hidden:
                 t = {}
                 for flush in (True, False):
-                    kw = dict(features=FEATURES) | FORM.get(param, {})
-                    meta = MetaLearner(len(dyn.spec.names), hidden=[h] if h else [], param=param, embed_dim=4,
-                                       flush=flush, lamb=0.002 if flush else 0.0, **kw)
+                    kw = preset("gate", GATE_OF_PARAM[param]) | {"hidden": [h] if h else [], "flush": flush,
+                                                                  "lamb": 0.002 if flush else 0.0}
+                    meta = MetaLearner(len(dyn.spec.names), **kw)
                     meta.fused = True
                     t[flush] = best_of(lambda m=meta, th=theta, g=grad, lo=loss: m.fused_apply_(th, g, lo, dyn,
                                                                                                 stats=False),

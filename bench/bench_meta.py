@@ -4,7 +4,7 @@
 Modes: `off` (no checkpointing), `step` (each inner step a checkpoint region), `nested` (groups of
 √(U/2) steps rerun in backward, meta.checkpoint_group=auto).
 
-Ratios: tokens/s against static evaluation (`evaluation.static_losses`, bptt 70) measured in the same
+Ratios: tokens/s against static evaluation (`meta.scoring.static_losses`, bptt 70) measured in the same
 process, and against a memory roofline of 36 parameter-sized passes per inner step: an evaluation step
 touches 12 (the LM's forward and backward read θ, ∇L is written, the gate reads θ, θ_0, ∇L and five
 per-coordinate constants and writes θ_t), and training does that work about three times (forward,
@@ -31,71 +31,74 @@ from pathlib import Path
 
 from dynlm_pl.meta.unroll import group_size
 
-CHILD = r"""
-import json, resource, sys, time, torch
-from omegaconf import OmegaConf
-from dynlm_pl.cli import keep_freed_memory
-from dynlm_pl.meta.weights import DynamicWeights
-from dynlm_pl.models.awd_lstm import AWDLSTM
-from dynlm_pl.systems.meta import MetaTrainModule
-from dynlm_pl.meta.unroll import group_size
-unroll, mode, steps, threads, cap, hidden = int(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:7])
-fused, ck = sys.argv[7] == "1", mode != "off"
-resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-torch.set_num_threads(threads)
-if sys.argv[8] == "1":
-    keep_freed_memory()  # --keep-freed: the allocator as train.py sets it (peak RSS then includes what it keeps)
-torch.manual_seed(0)
-mcfg = OmegaConf.load("conf/model/small.yaml")
-kw = {k: v for k, v in OmegaConf.to_container(mcfg).items() if not k.startswith("_")}
-model = AWDLSTM(33278, **kw).eval().requires_grad_(False)
-gate = OmegaConf.to_container(OmegaConf.load("conf/gate/paper.yaml"))
-gate["features"] = [f for f in gate["features"] if f not in ("fisher", "rms")]
-gate["hidden"] = [hidden] if hidden else []
-dyn = DynamicWeights.build(model)
-m = MetaTrainModule(model, dyn, gate, segment=5, unroll=unroll, checkpointing=ck,
-                    checkpoint_group=group_size("auto", unroll) if mode == "nested" else 0)
-m.meta.fused = fused
-if fused:  # compile outside the timed region: one short unroll (nested: in groups of 2, both update paths)
-    keep = dict(m.hparams)
-    m.hparams.unroll, m.hparams.checkpoint_group = 4, 2 if mode == "nested" else 0
-    loss = m.unroll(torch.randint(0, 33278, (1, 4 * 5 + 1)), None, *m.initial_state(1))[0]
-    loss.backward()
-    m.hparams.update(keep)
-from dynlm_pl.meta.scoring import static_losses
-data = torch.randint(0, 33278, (2001,))
-static_losses(model, data[:141], bptt=70)
-t0 = time.perf_counter()
-static_losses(model, data, bptt=70)
-static_tps = 2000 / (time.perf_counter() - t0)
-x = torch.empty(64 << 20).normal_()
-y = torch.empty_like(x)
-y.copy_(x)
-t0 = time.perf_counter()
-for _ in range(3):
-    y.copy_(x)
-copy_bw = 3 * 2 * x.numel() * 4 / (time.perf_counter() - t0)  # bytes read + written per second
-del x, y
-opt = torch.optim.Adam(m.meta.parameters(), lr=1e-3)
-theta, hidden = m.initial_state(1)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.perf_counter()
-try:
-    for s in range(steps):
-        chunk = torch.randint(0, 33278, (1, unroll * 5 + 1))
-        loss, theta, hidden, n = m.unroll(chunk, None, theta, hidden)
-        opt.zero_grad()
+
+def child(argv: list[str]) -> None:
+    """One configuration in this (fresh) process: prints one JSON line of timings and peak RSS."""
+    import resource
+
+    import torch
+    from presets import preset
+
+    from dynlm_pl.cli import keep_freed_memory
+    from dynlm_pl.meta.scoring import static_losses
+    from dynlm_pl.meta.weights import DynamicWeights
+    from dynlm_pl.models import AWDLSTM
+    from dynlm_pl.systems.meta import MetaTrainModule
+
+    unroll, mode, steps, threads, cap, hidden = int(argv[0]), argv[1], *map(int, argv[2:6])
+    fused, ck = argv[6] == "1", mode != "off"
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    torch.set_num_threads(threads)
+    if argv[7] == "1":
+        keep_freed_memory()  # --keep-freed: the allocator as train.py sets it (peak RSS then includes what it keeps)
+    torch.manual_seed(0)
+    model = AWDLSTM(33278, **preset("model", "small")).eval().requires_grad_(False)
+    gate = preset("gate", "paper")
+    gate["features"] = [f for f in gate["features"] if f not in ("fisher", "rms")]
+    gate["hidden"] = [hidden] if hidden else []
+    dyn = DynamicWeights.build(model)
+    m = MetaTrainModule(model, dyn, gate, segment=5, unroll=unroll, checkpointing=ck,
+                        checkpoint_group=group_size("auto", unroll) if mode == "nested" else 0)
+    m.meta.fused = fused
+    if fused:  # compile outside the timed region: one short unroll (nested: in groups of 2, both update paths)
+        keep = dict(m.hparams)
+        m.hparams.unroll, m.hparams.checkpoint_group = 4, 2 if mode == "nested" else 0
+        loss = m.unroll(torch.randint(0, 33278, (1, 4 * 5 + 1)), None, *m.initial_state(1))[0]
         loss.backward()
-        opt.step()
-        theta, hidden = theta.detach(), [(h.detach(), c.detach()) for h, c in hidden]
-    status = "ok"
-except (RuntimeError, MemoryError) as e:
-    status = "OOM" if "memory" in str(e).lower() or isinstance(e, MemoryError) else f"error: {str(e)[:80]}"
-sec = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"status": status, "coords": dyn.spec.numel, "tokens": steps * unroll * 5, "seconds": sec,
-                  "peak_mb": peak / 1024, "base_mb": base / 1024, "static_tps": static_tps, "copy_bw": copy_bw}))
-"""
+        m.hparams.update(keep)
+    data = torch.randint(0, 33278, (2001,))
+    static_losses(model, data[:141], bptt=70)
+    t0 = time.perf_counter()
+    static_losses(model, data, bptt=70)
+    static_tps = 2000 / (time.perf_counter() - t0)
+    x = torch.empty(64 << 20).normal_()
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        y.copy_(x)
+    copy_bw = 3 * 2 * x.numel() * 4 / (time.perf_counter() - t0)  # bytes read + written per second
+    del x, y
+    opt = torch.optim.Adam(m.meta.parameters(), lr=1e-3)
+    theta, hidden_state = m.initial_state(1)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    try:
+        for _ in range(steps):  # the timed part: unroll, meta-gradient, Adam step on φ
+            chunk = torch.randint(0, 33278, (1, unroll * 5 + 1))
+            loss, theta, hidden_state, _ = m.unroll(chunk, None, theta, hidden_state)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            theta, hidden_state = theta.detach(), model.detach_state(hidden_state)
+        status = "ok"
+    except (RuntimeError, MemoryError) as e:
+        status = "OOM" if "memory" in str(e).lower() or isinstance(e, MemoryError) else f"error: {str(e)[:80]}"
+    sec = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"status": status, "coords": dyn.spec.numel, "tokens": steps * unroll * 5, "seconds": sec,
+                      "peak_mb": peak / 1024, "base_mb": base / 1024, "static_tps": static_tps, "copy_bw": copy_bw}))
+
 
 
 def main() -> None:
@@ -120,7 +123,7 @@ def main() -> None:
                 rows.append((unroll, ck, {"status": f"OOM (skipped: already OOM at unroll {oom_at[ck]})"}))
                 continue
             t = time.time()
-            out = subprocess.run([sys.executable, "-c", CHILD, str(unroll), ck, str(args.steps),
+            out = subprocess.run([sys.executable, __file__, "--child", str(unroll), ck, str(args.steps),
                                   str(args.threads), str(int(args.mem_cap_gb * 2**30)), str(args.hidden),
                                   "1" if args.fused else "0", "1" if args.keep_freed else "0"],
                                  capture_output=True, text=True, cwd=repo, env=env)
@@ -159,4 +162,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    child(sys.argv[2:]) if sys.argv[1:2] == ["--child"] else main()

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from dynlm_pl import artifacts, report
+from dynlm_pl.config import check_config
 from dynlm_pl.data import UNK, Corpus, article_index, read_lines
 from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.files import atomic_write_text, file_sha256
@@ -43,9 +44,6 @@ from dynlm_pl.meta.scoring import method_losses, static_losses
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import Backbone
 from dynlm_pl.runtime import make_datamodule, run_dir, tuned_baselines
-
-METHODS = ("static", "sgd", "rms", "meta_noflush", "meta")
-
 
 # ----------------------------------------------------------------------------------------------------
 # Building each method's rule
@@ -102,15 +100,6 @@ def _texts(cfg: DictConfig, lm_path: Path,
     for s in splits:
         require(s in ("valid", "test"), f"eval.splits has {s!r}; use valid and/or test")
     return corpus.splits, corpus.articles, corpus, splits, corpus.splits["valid"]
-
-
-def _check_eval(e: DictConfig) -> None:
-    unknown = [m for m in e.methods if m not in METHODS]
-    require(not unknown, f"eval.methods has unknown {unknown}; choose from {', '.join(METHODS)}")
-    limit = e.get("max_tokens")
-    require(limit is None or int(limit) >= 2, f"eval.max_tokens must be >= 2 (or null for whole splits), got {limit}")
-    require(int(e.segment) >= 1, f"eval.segment must be a positive number of tokens, got {int(e.segment)}")
-    require(int(e.get("streams", 1)) >= 1, f"eval.streams must be a positive integer, got {e.get('streams')}")
 
 
 def _methods(cfg: DictConfig, out: Path, lm: Backbone, lm_sha: str, valid: Tensor | None) -> Methods:
@@ -190,13 +179,12 @@ def _evaluate_split(cfg: DictConfig, out: Path, lm: Backbone, ms: Methods, split
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`python evaluate.py`: every method of eval.methods over eval.splits -> results.json, results.md and the
     per-split files in the run directory."""
-    out = run_dir(cfg)
+    out = run_dir(check_config(cfg))
     e = cfg.eval
     lm_path = out / "lm.ckpt"
     lm, prov = artifacts.load_lm(lm_path)
     lm_sha = file_sha256(lm_path)
     splits_t, articles, corpus, splits, valid = _texts(cfg, lm_path, prov)
-    _check_eval(e)
     ms = _methods(cfg, out, lm, lm_sha, valid)
     n_streams, limit = int(e.get("streams", 1)), e.get("max_tokens")
     results: dict[str, Any] = {

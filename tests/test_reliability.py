@@ -405,6 +405,15 @@ def test_zero_unroll_cli(trained: Path, tmp_path: Path) -> None:
     assert_kept(before, run)
 
 
+def test_wrong_type_cli(trained: Path, tmp_path: Path) -> None:
+    """A value of the wrong type is one line and exit status 2 through the real entry point, before any stage."""
+    run = copy_run(trained, tmp_path)
+    before = snapshot(run)
+    msg = cli_error(run_cli("train.py", tmp_path, "stage=meta", "meta.optim.lr=fast"))
+    assert msg == "error: meta.optim.lr must be a number >= 0, got 'fast'"
+    assert_kept(before, run)
+
+
 @pytest.mark.parametrize(("key", "value"), [("unroll", -2), ("meta.segment", 0), ("meta.segment", -5),
                                             ("eval.segment", 0), ("eval.streams", 0), ("data.bptt", 0),
                                             ("data.bptt", -3),
@@ -434,6 +443,13 @@ def test_non_positive_max_drift(value: float, trained: Path, tmp_path: Path, cap
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("meta.checkpoint_group=-1", "error: meta.checkpoint_group must be auto or an integer >= 0, got -1"),
+    ("meta.optim.lr=fast", "error: meta.optim.lr must be a number >= 0, got 'fast'"),
+    ("lm.optim.clip=-1", "error: lm.optim.clip must be a number >= 0, got -1"),
+    ("meta.order=3", "error: meta.order must be one of 1, 2, got 3"),
+    ("fisher.estimator=exact", "error: fisher.estimator must be one of empirical, batch_ms, got 'exact'"),
+    ("fisher.window=2.5", "error: fisher.window must be a positive integer, got 2.5"),
+    ("eval.methods=[static,nope]", "error: eval.methods has unknown ['nope']; choose from static, sgd, rms, "
+                                   "meta_noflush, meta"),
     ("pipeline=[lm,nope]", "error: unknown stage 'nope'; use one of lm, fisher, meta, evaluate, meta_noflush or all")])
 def test_bad_stage_all_setting(override: str, expected: str, trained: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture) -> None:

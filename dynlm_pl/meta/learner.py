@@ -36,9 +36,8 @@ Gate parametrizations (`param`):
   rational the krause form with e^{soft_clamp(o)} replaced by r(clamp(o, ±`clamp`)), r(o) = 1 + o for o ≥ 0 and
           1/(1 − o) below (positive, r(0) = 1, r'(0) = 1 like e^o): with the gnorm/dnorm features the whole
           update is multiply-adds and six divisions, no exp/log. Why: the fused krause pass is compute-bound
-          (2 logs, 6 exps, 3 divisions per coordinate: 86 ms per update of 10.9M coordinates on the dev box),
-          which puts meta evaluation at 2.3-3.7x the cost of SGD; this one is ~3x cheaper, about half memory
-          traffic (bench/results/bench_gate_fast.md).
+          (2 logs, 6 exps, 3 divisions per coordinate), this one is bound by memory traffic (bench/README.md,
+          bench_gate.py).
 `flush=False` (meta_noflush): z ≡ 0; the krause form then keeps f = 1 + λ·o_f (no decay at init).
 """
 
@@ -381,7 +380,7 @@ class MetaLearner(nn.Module):
                                ctx: dict[str, Tensor], bias1: Tensor) -> None:
         """`_fused_update_` without the gate sums. Why a second graph: inductor fuses one of the three sums into
         the update's loop but writes f and i out and re-reads them for the other two, 4 extra passes over θ's
-        size (~30% of the pass at P = 10.9M in a timing of the two graphs on the dev box)."""
+        size."""
         theta.copy_(self._fused_gated(theta, grad, loss, theta0, ctx, bias1)[0])
 
     @torch.no_grad()
@@ -395,9 +394,8 @@ class MetaLearner(nn.Module):
         chunks: the per-coordinate constants (θ_0, 1/(RMS+ε), rate, the Fisher/RMS features: 20 bytes) are shared
         by the streams; streamed once per stream from DRAM they cost more than θ and ∇L's own traffic, while a
         1 MB chunk of each is still in cache when the next stream reads it. Why one call for all streams: each
-        call of a compiled function pays dynamo's guards and wrapper, and a call per stream and chunk meant 47 per
-        stream update for model=small (bench/results/bench_gate_streams_before.md against bench_gate_streams.md
-        measures this change together with the FMA contraction of `_compile`).
+        call of a compiled function pays dynamo's guards and wrapper, which a call per stream and chunk would pay
+        dozens of times per stream update (`bench/bench_gate.py --streams`).
         Compiled once per input rank with symbolic sizes (dynamic=True); the first call compiles (seconds to tens
         of seconds on a CPU).
         """
@@ -441,7 +439,7 @@ def _compile(fn: Any) -> Any:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # fp-contract=fast lets the C++ compiler fuse the pointwise network's multiply-adds into FMAs (inductor's CPU
     # default is off: a multiply and an add, each rounded). The pass is a long chain of dependent vector ops, so
-    # fewer, shorter ops pay (bench/results/bench_gate_streams.md); the result differs from eager by float rounding.
+    # fewer, shorter ops pay (bench/bench_gate.py); the result differs from eager by float rounding.
     return torch.compile(fn, dynamic=True, options={"cpp.enable_floating_point_contract_flag": "fast"})
 
 

@@ -112,7 +112,7 @@ class GateRule(Rule):
 
     def update(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
         # float32 even under autocast (trainer.precision=bf16-mixed): bf16 gates round f = σ(10) to exactly 1
-        # and i to 3 digits, changing the flat θ update itself (~10% of one step's size, measured).
+        # and i to 3 digits, changing the flat θ update itself by a sizeable fraction of one step.
         with torch.autocast(theta.device.type, enabled=False):
             if theta.dim() == 1 and getattr(self.gates, "fused", False):  # meta.fused_gate: one compiled pass
                 return self.gates.fused_update(theta, grad, loss, self.dyn)

@@ -16,10 +16,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from dynlm_pl import artifacts
+from dynlm_pl.config import check_config
 from dynlm_pl.data import FisherCut
 from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.files import file_sha256
-from dynlm_pl.fisher import ESTIMATORS, FisherArtifact, summarize
+from dynlm_pl.fisher import FisherArtifact, summarize
 from dynlm_pl.runtime import make_datamodule, make_trainer, run_dir
 from dynlm_pl.systems.fisher import FisherModule
 
@@ -33,15 +34,8 @@ def _table(fisher: dict[str, Tensor]) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`python train.py stage=fisher`: F (fisher.estimator) and ms (batch_ms) of lm.ckpt -> fisher.pt."""
-    out = run_dir(cfg)
+    out = run_dir(check_config(cfg))
     fc = cfg.fisher
-    require(fc.estimator in ESTIMATORS, f"fisher.estimator must be one of {', '.join(ESTIMATORS)}, "
-            f"got {fc.estimator!r}")
-    for key in ("batch_size", "window", "ms_batch_size", "ms_window"):
-        require(isinstance(fc[key], int) and fc[key] >= 1, f"fisher.{key} must be a positive integer, "
-                f"got {fc[key]!r}")
-    require(fc.tokens is None or (isinstance(fc.tokens, int) and fc.tokens >= 0),
-            f"fisher.tokens must be a number of tokens, or null/0 for the whole split, got {fc.tokens!r}")
     lm_path = out / "lm.ckpt"
     model, prov = artifacts.load_lm(lm_path)
     lm_sha = file_sha256(lm_path)

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from dynlm_pl import artifacts
+from dynlm_pl.config import check_config
 from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.resume import check_resumable
 from dynlm_pl.runtime import best_model_score, make_datamodule, make_trainer, model_spec, primitives, run_dir
@@ -20,7 +21,7 @@ from dynlm_pl.systems.lm import LMPretrainModule
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """`python train.py stage=lm`: train, keep `checkpoints/{lm-best,last}.ckpt`, export θ* as `lm.ckpt`."""
-    out = run_dir(cfg)
+    out = run_dir(check_config(cfg))
     L.seed_everything(cfg.seed, workers=True)
     dm = make_datamodule(cfg)
     corpus = dm.load()

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from dynlm_pl import artifacts
+from dynlm_pl.config import check_config
 from dynlm_pl.data import MetaCut, WikiText2DataModule
 from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.files import atomic_copy, file_sha256
@@ -173,7 +174,7 @@ def _export(out: Path, art_name: str, ckpt: ModelCheckpoint, init: float, init_c
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`python train.py stage=meta unroll=40`: meta-train φ, write `<run_dir>/meta.ckpt` (best by val;
     `meta_noflush.ckpt` with gate.flush=false), and `*-last.ckpt`."""
-    out = run_dir(cfg)
+    out = run_dir(check_config(cfg))
     if cfg.meta.get("num_threads"):
         torch.set_num_threads(int(cfg.meta.num_threads))
     L.seed_everything(cfg.seed, workers=True)

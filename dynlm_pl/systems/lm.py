@@ -112,10 +112,15 @@ class LMPretrainModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step("val", self.val_loss, batch)
 
+    def _log_epoch(self, key: str, metric: MeanMetric, prog_bar: bool = False) -> Tensor:
+        """The epoch's token-weighted mean loss of split `key`, logged with its perplexity, and the metric reset."""
+        loss = metric.compute()
+        metric.reset()
+        self.log_dict({f"{key}/loss": loss, f"{key}/ppl": torch.exp(loss)}, prog_bar=prog_bar)
+        return loss
+
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True)
+        loss = self._log_epoch("val", self.val_loss, prog_bar=True)
         if self.trainer.sanity_checking:
             return
         hp = self.hparams
@@ -133,9 +138,7 @@ class LMPretrainModule(L.LightningModule):
         self._eval_step("test", self.test_loss, batch)
 
     def on_test_epoch_end(self) -> None:
-        loss = self.test_loss.compute()
-        self.test_loss.reset()
-        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss)})
+        self._log_epoch("test", self.test_loss)
 
     # -- optimizer and checkpoint state ---------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -170,7 +173,7 @@ class LMPretrainModule(L.LightningModule):
         require(not diff, f"cannot resume: checkpoints/last.ckpt was trained with different {', '.join(diff)}; "
                 "use the settings it was made with, or rerun without resume=true to start over")
         st = checkpoint.get("resume_state")
-        if not st:  # written by an older version: Lightning restarts the epoch's stream, as it always did
+        if not st:  # a checkpoint without resume state: Lightning restarts the epoch's stream
             return
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "skip_train_batches"):

@@ -186,7 +186,7 @@ class MetaTrainModule(L.LightningModule):
                 f"{', '.join(diff)}; use the settings it was made with, or rerun without resume=true to start over")
         self.n_unrolls = int(checkpoint.get("n_unrolls", 0))
         st = checkpoint.get("resume_state")
-        if not st:  # written by an older version: φ and Adam only, as before
+        if not st:  # a checkpoint without resume state: φ and Adam only
             return
         self.skipped = int(st["skipped"])
         self._pass_tokens = int(st["pass_tokens"])
