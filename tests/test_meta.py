@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from dynlm_pl.artifacts import load_meta
 from dynlm_pl.data import Corpus
 from dynlm_pl.fisher import FisherArtifact
-from dynlm_pl.meta.learner import MetaLearner, rational_exp
+from dynlm_pl.meta.gates import rational_exp
+from dynlm_pl.meta.learner import MetaLearner
 from dynlm_pl.meta.rules import GateRule, RecordingGateRule, RMSRule, Rule
 from dynlm_pl.meta.scoring import adaptive_eval
 from dynlm_pl.meta.unroll import inner_step

@@ -23,27 +23,11 @@ so an update costs about what Krause's rule costs, and the rule it learns is his
 feature-dependent corrections of the step and the decay. A hidden layer of H units costs ~H·(k+3)
 multiply-adds per coordinate more (k features).
 
-Gate parametrizations (`param`):
-  paper   plain MLP, f = σ(o_f), i = −η·softplus(o_i)/ln 2, z = σ(o_z); the last layer starts near
-          zero with biases (+b, 0, −b): f ≈ 1, z ≈ 0 (COPY, f + z = 1 exactly) and i ≈ −η.
-  krause  residual around Krause et al. 2017's RMS rule: with a = −η/(RMS+ε) and his decay d,
-          i = a·e^{o_i}, f = 1 − D(o_f), z = D(o_z), D(o) = clamp((d + d₀)·e^{o} − d₀, 0, 1), where
-          d₀ = `lamb0`·(his decay rate) keeps the decay learnable when the tuned λ is 0 (then d = 0 and
-          a purely multiplicative correction could never grow it). The last layer is zero at init, so
-          o = 0, D = d and the rule IS Krause's update until training moves it. With
-          `rms_scale=False` the step is a = −η for every coordinate: the rule starts as plain SGD. Corrections o are
-          soft-clamped to ±`clamp` (a factor e^±clamp around his coefficients).
-  rational the krause form with e^{soft_clamp(o)} replaced by r(clamp(o, ±`clamp`)), r(o) = 1 + o for o ≥ 0 and
-          1/(1 − o) below (positive, r(0) = 1, r'(0) = 1 like e^o): with the gnorm/dnorm features the whole
-          update is multiply-adds and six divisions, no exp/log. Why: the fused krause pass is compute-bound
-          (2 logs, 6 exps, 3 divisions per coordinate), this one is bound by memory traffic (bench/README.md,
-          bench_gate.py).
-`flush=False` (meta_noflush): z ≡ 0; the krause form then keeps f = 1 + λ·o_f (no decay at init).
+Gate parametrizations (`param`: paper, krause, rational) are the classes of `meta/gates.py`.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -53,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynlm_pl.meta.rules import gated_update, krause_coefficients, krause_rate
+from dynlm_pl.meta.gates import FORMS
+from dynlm_pl.meta.rules import gated_update
 from dynlm_pl.meta.weights import offsets
 
 FEATURE_WIDTH = {"theta": 1, "delta": 2, "grad": 2, "loss": 1, "fisher": 1, "rms": 1, "gnorm": 1, "dnorm": 1}
-KRAUSE_FORMS = ("krause", "rational")  # residual parametrizations around Krause's rule (need ms)
+KRAUSE_FORMS = tuple(k for k, form in FORMS.items() if form.needs_ms)  # residuals around Krause's rule
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
@@ -73,28 +58,9 @@ def log_sign(x: Tensor, p: float = 10.0) -> tuple[Tensor, Tensor]:
     return mag, sgn
 
 
-def soft_clamp(x: Tensor, c: float) -> Tensor:
-    """c·tanh(x/c): identity near 0 (exactly 0 at 0), bounded by ±c.
-
-    Written as c·(2σ(2x/c) − 1), the same function: a vectorized tanh costs ~7x an exp on a CPU (Sleef, 1.8 vs
-    0.25 ns per coordinate), and the fused gate pass, which takes three of them per coordinate, is compute-bound
-    (bench/bench_gate.py). σ(0) = 1/2 exactly, so 0 still maps to 0; the error elsewhere is an ulp of 1/2
-    (3e-8·c absolute), and the gradient 4σ(1 − σ) is as stable as tanh's.
-    """
-    return c * (2.0 * torch.sigmoid(x * (2.0 / c)) - 1.0) if c > 0 else x
-
-
 def softsign(x: Tensor) -> Tensor:
     """x / (1 + |x|): bounded by ±1, slope 1 at 0, one division."""
     return x / (1.0 + x.abs())
-
-
-def rational_exp(x: Tensor, c: float) -> Tensor:
-    """r(clamp(x, ±c)), r(x) = 1 + x (x ≥ 0) or 1/(1 + |x|) (x < 0): a positive stand-in for e^x that agrees
-    with it to first order at 0 and costs one division. The unused branch of `where` stays finite (1 + |x| ≥ 1),
-    so its zero gradient is not 0·inf."""
-    x = x.clamp(-c, c) if c > 0 else x
-    return torch.where(x >= 0, 1.0 + x, 1.0 / (1.0 + x.abs()))
 
 
 class MetaLearner(nn.Module):
@@ -116,8 +82,9 @@ class MetaLearner(nn.Module):
                              f"({list(ACTIVATIONS)}), hidden={list(hidden)} (positive layer widths; [] for a linear "
                              "gate)")
         self.features, self.param, self.flush = tuple(features), param, flush
-        self.lr, self.lamb, self.eps, self.clamp, self.lamb0 = lr, lamb, eps, clamp, lamb0
-        self.rms_scale = rms_scale
+        # how the outputs become gates (meta/gates.py): plain objects, no parameters of their own
+        self.form = FORMS[param](lr=lr, flush=flush, lamb=lamb, eps=eps, lamb0=lamb0, rms_scale=rms_scale,
+                                 clamp=clamp, gate_bias=gate_bias, init_scale=init_scale)
         width = sum(FEATURE_WIDTH[f] for f in features)
         sizes = [width, *hidden]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
@@ -127,12 +94,7 @@ class MetaLearner(nn.Module):
         # the per-tensor bias enters the first linear map (`first`)
         self.embed_proj = nn.Linear(embed_dim, self.first.out_features, bias=False) if self.embed is not None else None
         with torch.no_grad():
-            if param in KRAUSE_FORMS:  # exactly Krause's rule at init
-                self.out.weight.zero_()
-                self.out.bias.zero_()
-            else:  # near COPY: f = σ(b), z = σ(−b), i = −η
-                self.out.weight.mul_(init_scale)
-                self.out.bias.copy_(torch.tensor([gate_bias, 0.0, -gate_bias]))
+            self.form.init_output(self.out)  # krause forms: exactly Krause's rule; paper: near COPY
             if self.embed is not None:
                 self.embed.weight.normal_(0, 0.1)
                 if not len(self.layers):  # linear gate: the embedding adds to the output, which starts as set above
@@ -161,21 +123,11 @@ class MetaLearner(nn.Module):
                                      "stage=fisher`), or drop it from gate.features")
                 v = dyn.fisher if f == "fisher" else dyn.ms.clamp_min(0).sqrt()
                 ctx[f] = torch.log(v.clamp_min(1e-20)) / 10.0
-        if self.param in KRAUSE_FORMS:
+        if self.form.needs_ms:
             if dyn.ms is None:
                 raise ValueError("gate=krause_init needs Krause's gradient statistics (ms) from fisher.pt: "
                                  "run `python train.py stage=fisher` first")
-            rms, rate = krause_rate(dyn.ms, dyn.spec)
-            if self.param == "rational" or "gnorm" in self.features:
-                ctx["inv"] = 1.0 / (rms + self.eps)  # 1/(RMS+ε)
-            if self.param == "rational":  # a, d, d₀ formed in the pass from these two (`coefficients`)
-                ctx["rate"] = rate
-            else:
-                ctx["a"], ctx["d"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb, self.eps)
-                if not self.rms_scale:  # start from plain SGD (−η for every coordinate) when that rule tuned best
-                    ctx["a"] = torch.full_like(ctx["a"], -self.lr)
-                # d₀ = lamb0 · rate: the same per-coordinate shape as Krause's decay, at a small fixed scale
-                ctx["d0"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb0, self.eps)[1]
+            ctx.update(self.form.context(dyn, self.features))
         self._ctx = (id(dyn), ctx)
         return ctx
 
@@ -199,7 +151,7 @@ class MetaLearner(nn.Module):
                 cols.append(softsign(grad * ctx["inv"]))
             elif f == "dnorm":  # softsign(u/v) = u/(v + |u|) for v = 10|a| > 0: one division, not two
                 u = theta - theta0
-                cols.append(u / (10.0 * self.coefficients(ctx)[0].abs() + u.abs()))
+                cols.append(u / (10.0 * self.form.coefficients(ctx)[0].abs() + u.abs()))
             elif f == "loss":
                 cols.append((loss.reshape(*loss.shape, *([1] * (theta.dim() - loss.dim()))) / 10.0).expand_as(theta))
             else:
@@ -224,40 +176,7 @@ class MetaLearner(nn.Module):
     def to_gates(self, o_f: Tensor, o_i: Tensor, o_z: Tensor,
                  ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
         """The network's outputs o [..., n] -> gates (f, i, z) under the parametrization `param`."""
-        if self.param == "paper":
-            f = torch.sigmoid(o_f)
-            i = -self.lr * F.softplus(o_i) / math.log(2.0)
-            return f, i, torch.sigmoid(o_z) if self.flush else None
-        # e^{o} around Krause's coefficients: e^{soft_clamp(o)} (krause) or its rational stand-in
-        if self.param == "krause":
-            o_f, o_i, o_z = (soft_clamp(o, self.clamp) for o in (o_f, o_i, o_z))
-            mult = torch.exp
-        else:
-            o_f, o_i, o_z = (o.clamp(-self.clamp, self.clamp) for o in (o_f, o_i, o_z))
-            mult = functools.partial(rational_exp, c=0.0)  # already clamped
-        a, d, d0 = self.coefficients(ctx)
-        i = a * mult(o_i)
-        if not self.flush:
-            # λ = 0 (what tuning picks on WikiText-2): f ≡ 1 exactly (o_f is clamped, finite), and saying
-            # so lets the compiled pass drop o_f's row of the network and its σ
-            return (torch.ones_like(o_f) if self.lamb == 0 else 1.0 + self.lamb * o_f), i, None
-        # clamp passes gradient at its bounds (inclusive mask): D stays learnable at 0
-        f = 1.0 - torch.addcmul(-d0, d + d0, mult(o_f)).clamp(0.0, 1.0)
-        z = torch.addcmul(-d0, d + d0, mult(o_z)).clamp(0.0, 1.0)
-        return f, i, z
-
-    def coefficients(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Krause's step a = −η/(RMS+ε) (or −η without rms_scale), decay d = λ·min(rate, 1/λ) and d₀ (λ₀ for λ),
-        per coordinate. krause: read from ctx; rational: formed from 1/(RMS+ε) and the rate, two streams instead of
-        three (the rational pass is bound by memory traffic: 4 bytes per coordinate and stream); the constant
-        tensors (λ = 0, no rms_scale) are folded into the compiled pass, not read."""
-        if self.param == "krause":
-            return ctx["a"], ctx["d"], ctx["d0"]
-        rate = ctx["rate"]
-        a = -self.lr * ctx["inv"] if self.rms_scale else torch.full_like(rate, -self.lr)
-        d, d0 = ((lam * rate.clamp(max=1.0 / lam) if lam > 0 else torch.zeros_like(rate))
-                 for lam in (self.lamb, self.lamb0))
-        return a, d, d0
+        return self.form.gates(o_f, o_i, o_z, ctx)
 
     def _bias1(self) -> Tensor:
         """First-layer bias per dynamic tensor [n_tensors, H] (the tensor embedding enters here), or [H]."""
