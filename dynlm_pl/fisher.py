@@ -71,6 +71,11 @@ class FisherArtifact:
                               self.lm_sha256, dict(self.meta))
 
 
+def ewc_penalty_of(theta: Tensor, theta0: Tensor, fisher: Tensor, lam: float) -> Tensor:
+    """λ/2 Σ F (θ − θ_0)² of tensors of one shape (a parameter, or the flat dynamic vector [P] or [B, P])."""
+    return 0.5 * lam * (fisher * (theta - theta0).square()).sum()
+
+
 def ewc_penalty(params: dict[str, Tensor], art: FisherArtifact, lam: float) -> Tensor:
     """λ/2 Σ F (θ − θ_0)², summed over the keys present in `params` (differentiable in `params`)."""
     require(len(params) > 0, "ewc_penalty got an empty parameter dict")
@@ -81,9 +86,9 @@ def ewc_penalty(params: dict[str, Tensor], art: FisherArtifact, lam: float) -> T
         f, t0 = art.fisher[k], art.theta0[k]
         require(f.shape == p.shape, f"parameter {k!r} has shape {tuple(p.shape)} but its Fisher entry "
                 f"{tuple(f.shape)}; the fisher.pt belongs to another model: rerun stage=fisher")
-        term = (f.to(p.device, p.dtype) * (p - t0.to(p.device, p.dtype)).square()).sum()
+        term = ewc_penalty_of(p, t0.to(p.device, p.dtype), f.to(p.device, p.dtype), lam)
         total = term if total is None else total + term
-    return 0.5 * lam * total
+    return total
 
 
 def log_prior(params: dict[str, Tensor], art: FisherArtifact) -> Tensor:

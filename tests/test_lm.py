@@ -33,7 +33,7 @@ SMALL_DATA = ["experiment=smoke", "data.synthetic.articles={train: 40, valid: 6,
 
 
 class Recorded:
-    """Makes `dynlm_pl.systems.lm.run` build a recording subclass, so tests can inspect the module."""
+    """Makes `dynlm_pl.stages.lm.run` build a recording subclass, so tests can inspect the module."""
 
     def __init__(self, mp: pytest.MonkeyPatch) -> None:
         self.modules: list[LMPretrainModule] = []

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dynlm_pl.errors import require
+from dynlm_pl.fisher import ewc_penalty_of
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class DynamicWeights:
         """EWC: λ/2 Σ F (θ − θ_0)² over the flat vector (differentiable in θ)."""
         require(self.fisher is not None, "the EWC penalty needs the Fisher from fisher.pt; run "
                 "`python train.py stage=fisher`")
-        return 0.5 * lam * (self.fisher * (theta - self.theta0).square()).sum()
+        return ewc_penalty_of(theta, self.theta0, self.fisher, lam)
 
 
 def freeze(model: nn.Module) -> nn.Module:
