@@ -8,6 +8,7 @@ artifact of `dynlm_pl.fisher` atomically, only once every pass has finished with
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,10 +18,11 @@ from torch import Tensor
 
 from dynlm_pl import artifacts
 from dynlm_pl.config import check_config
-from dynlm_pl.data import FisherCut
+from dynlm_pl.data import FisherCut, WikiText2DataModule
 from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.files import file_sha256
 from dynlm_pl.fisher import FisherArtifact, summarize
+from dynlm_pl.models import Backbone
 from dynlm_pl.runtime import make_datamodule, make_trainer, run_dir
 from dynlm_pl.systems.fisher import FisherModule
 
@@ -30,6 +32,30 @@ def _table(fisher: dict[str, Tensor]) -> str:
     for name, shape, lo, med, hi in summarize(fisher):
         lines.append(f"  {name:<22} {'x'.join(map(str, shape)):>12} {lo:>10.3g} {med:>10.3g} {hi:>10.3g}")
     return "\n".join(lines)
+
+
+def _one_pass(cfg: DictConfig, out: Path, dm: WikiText2DataModule, model: Backbone,
+              est: str) -> tuple[dict[str, Tensor], int, float, int] | None:
+    """One estimator over the DataModule's Fisher cut as a Lightning test loop: (F or ms, tokens, seconds, world
+    size) on global rank 0, None on the others."""
+    partial = out / f".fisher-{est}.partial.pt"  # rank 0's result of one pass, never a fisher.pt
+    partial.unlink(missing_ok=True)
+    # Gradients inside the test loop: inference mode would forbid them whatever the config says. Full
+    # precision whatever trainer.precision says: F sums squared per-example gradients (bf16 would round
+    # them, fp16 underflow them), and the written-out forward mixes dtypes under autocast.
+    trainer = make_trainer(cfg, {"inference_mode": False, "precision": "32-true"})
+    t0 = time.time()
+    trainer.test(FisherModule(model, est, partial), datamodule=dm, verbose=False)
+    if trainer.interrupted:
+        raise DynlmError(f"the Fisher pass ({est}) was interrupted; {out / 'fisher.pt'} was left as it was: "
+                         "rerun `python train.py stage=fisher`")
+    if not trainer.is_global_zero:
+        return None
+    require(partial.is_file(), f"the Fisher pass ({est}) ended without a result; check "
+            "trainer.limit_test_batches and fisher.tokens, then rerun `python train.py stage=fisher`")
+    blob = torch.load(partial, weights_only=True)
+    partial.unlink()
+    return blob["fisher"], blob["tokens"], time.time() - t0, trainer.world_size
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -51,27 +77,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     done: dict[str, tuple[dict[str, Tensor], int, float]] = {}
     world = 1
     for est, (batch, window) in passes.items():
-        partial = out / f".fisher-{est}.partial.pt"  # rank 0's result of one pass, never a fisher.pt
-        partial.unlink(missing_ok=True)
-        # Gradients inside the test loop: inference mode would forbid them whatever the config says. Full
-        # precision whatever trainer.precision says: F sums squared per-example gradients (bf16 would round
-        # them, fp16 underflow them), and the written-out forward mixes dtypes under autocast.
-        trainer = make_trainer(cfg, {"inference_mode": False, "precision": "32-true"})
-        module = FisherModule(model, est, partial)
-        dm.use(FisherCut(str(fc.split), fc.tokens or None, batch, window, int(fc.seed)))
-        t0 = time.time()
-        trainer.test(module, datamodule=dm, verbose=False)
-        world = trainer.world_size
-        if trainer.interrupted:
-            raise DynlmError(f"the Fisher pass ({est}) was interrupted; {out / 'fisher.pt'} was left as it was: "
-                             "rerun `python train.py stage=fisher`")
-        if not trainer.is_global_zero:  # under strategy=ddp the other ranks run this too; rank 0 writes
+        result = _one_pass(cfg, out, dm.use(FisherCut(str(fc.split), fc.tokens or None, batch, window, int(fc.seed))),
+                           model, est)
+        if result is None:  # under strategy=ddp the other ranks run this too; rank 0 writes
             return {}
-        require(partial.is_file(), f"the Fisher pass ({est}) ended without a result; check "
-                "trainer.limit_test_batches and fisher.tokens, then rerun `python train.py stage=fisher`")
-        blob = torch.load(partial, weights_only=True)
-        partial.unlink()
-        done[est] = (blob["fisher"], blob["tokens"], time.time() - t0)
+        fisher_sq, n_tok, secs, world = result
+        done[est] = (fisher_sq, n_tok, secs)
 
     fisher, n_tok, secs = done[fc.estimator]
     ms, ms_tok, ms_secs = done["batch_ms"]
