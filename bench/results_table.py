@@ -3,7 +3,8 @@
     python bench/results_table.py RESULTS.json [--split test]
 
 Prints, for each split of the file (or only `--split`), a markdown table with one row per method: perplexity,
-its change against the static LM of the same split (negative: lower perplexity), tokens scored, tokens/s. Methods
+its reduction against the static LM of the same split (positive: lower perplexity, as evaluate.py's results.md
+prints it), tokens scored, tokens/s. Methods
 the run skipped are listed under the tables with the reason evaluate.py recorded. Reads only the JSON file.
 """
 
@@ -30,7 +31,7 @@ def split_table(results: dict[str, Any], split: str) -> str:
     )
     lines = [f"**{split}** ({where})", "", "| " + " | ".join(COLUMNS) + " |", "|---|---:|---:|---:|---:|"]
     for method, r in rows.items():
-        vs = "" if static is None or method == "static" else f"{100 * (r['ppl'] / static - 1):+.1f}%"
+        vs = "" if static is None or method == "static" else f"{100 * (1 - r['ppl'] / static):+.1f}%"
         lines.append(f"| {method} | {r['ppl']:.2f} | {vs} | {int(r['tokens']):,} | {r['tokens_per_s']:,.0f} |")
     return "\n".join(lines)
 

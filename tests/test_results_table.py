@@ -25,7 +25,7 @@ def _row(ppl: float, tokens: int, tokens_per_s: float) -> dict:
     return {"ppl": ppl, "loss": 0.0, "tokens": tokens, "tokens_per_s": tokens_per_s, "seconds": 1.0, "hparams": {}}
 
 
-# Hand-made: static 200 on test, so sgd at 150 is -25.0% and meta at 100 is -50.0%.
+# Hand-made: static 200 on test, so sgd at 150 is +25.0% and meta at 100 is +50.0% (perplexity reductions).
 RESULTS = {
     "protocol": {"streams": 1, "theta": "per stream", "segment": 5},
     "skipped": {"meta_noflush": "skipped: no meta_noflush.ckpt (python train.py stage=meta gate.flush=false)"},
@@ -53,8 +53,8 @@ def test_one_split_gives_ppl_and_change_against_static(results_json: Path, capsy
         "| method | ppl | vs static | tokens | tokens/s |",
         "|---|---:|---:|---:|---:|",
         "| static | 200.00 |  | 1,234 | 30,000 |",
-        "| sgd | 150.00 | -25.0% | 1,234 | 1,501 |",
-        "| meta | 100.00 | -50.0% | 1,234 | 250 |",
+        "| sgd | 150.00 | +25.0% | 1,234 | 1,501 |",
+        "| meta | 100.00 | +50.0% | 1,234 | 250 |",
     ]
     assert "**valid**" not in out
     assert "Skipped: meta_noflush, no meta_noflush.ckpt (python train.py stage=meta gate.flush=false)." in out
@@ -65,7 +65,7 @@ def test_every_split_by_default_and_a_worse_method_is_positive(results_json: Pat
     assert results_table.main([str(results_json)]) == 0
     out = capsys.readouterr().out
     assert out.index("**valid** (segment 5, one stream)") < out.index("**test** (segment 5, one stream)")
-    assert "| sgd | 275.00 | +10.0% | 999 | 1,200 |" in out
+    assert "| sgd | 275.00 | -10.0% | 999 | 1,200 |" in out
 
 
 def test_several_streams_are_named() -> None:
@@ -89,5 +89,5 @@ def test_the_readme_quotes_the_smoke_run_verbatim() -> None:
     """README.md's synthetic-corpus results are this script's output for bench/results/smoke/results.json."""
     res = json.loads((SCRIPT.parent / "results" / "smoke" / "results.json").read_text())
     table = results_table.render(res)
-    assert "| sgd | 115.67 | -29.9% | 8,354 | 1,296 |" in table
+    assert "| sgd | 115.67 | +29.9% | 8,354 | 1,296 |" in table
     assert table in (SCRIPT.parents[1] / "README.md").read_text()
