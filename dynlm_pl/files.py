@@ -11,9 +11,14 @@ from pathlib import Path
 
 
 def tmp_beside(path: Path) -> Path:
-    """A fresh, empty temporary file in `path`'s directory (same file system, so a rename is atomic)."""
+    """A fresh, empty temporary file in `path`'s directory (same file system, so a rename is atomic), with the
+    permissions a plainly created file gets (mkstemp's are 0600: a shared data or run directory would become
+    unreadable to the other users)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     return Path(tmp)
 
 

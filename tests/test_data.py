@@ -404,3 +404,13 @@ def test_wrong_counts_are_one_line(synthetic_corpus: Corpus, tmp_path: Path) -> 
         load_wikitext2(root, cache_dir=tmp_path / "cache", download=False, verify=True)
     msg = assert_one_line(e.value)
     assert "2088628" in msg and "verify=false" in msg
+
+
+def test_atomic_writes_get_plain_file_permissions(tmp_path: Path) -> None:
+    """An artifact or cache written atomically is readable by whoever could read a plainly created file."""
+    from dynlm_pl.files import atomic_write_text
+
+    plain, atomic = tmp_path / "plain.txt", tmp_path / "atomic.txt"
+    plain.write_text("x")
+    atomic_write_text(atomic, "x")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

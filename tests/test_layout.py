@@ -51,3 +51,4 @@ def test_no_machine_paths_in_tracked_files() -> None:
             if pattern.search(line) and name != "tests/test_layout.py":
                 hits.append(f"{name}:{k}: {line.strip()[:100]}")
     assert not hits, hits
+
