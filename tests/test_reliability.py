@@ -397,20 +397,15 @@ def test_bad_command_line_cli(overrides: list[str], expect: str, tmp_path: Path)
     assert not any(tmp_path.rglob("*.ckpt"))
 
 
-def test_zero_unroll_cli(trained: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("args", "expected"), [
+    (("stage=all", "unroll=0"), "error: unroll must be a positive integer, got 0"),
+    (("stage=meta", "meta.optim.lr=fast"), "error: meta.optim.lr must be a number >= 0, got 'fast'")])
+def test_bad_value_cli(args: tuple[str, ...], expected: str, trained: Path, tmp_path: Path) -> None:
+    """A size out of range or a value of the wrong type: one line and exit status 2 through the real entry point,
+    before any stage runs (nothing in the run directory changes)."""
     run = copy_run(trained, tmp_path)
     before = snapshot(run)
-    msg = cli_error(run_cli("train.py", tmp_path, "stage=all", "unroll=0"))
-    assert msg == "error: unroll must be a positive integer, got 0"
-    assert_kept(before, run)
-
-
-def test_wrong_type_cli(trained: Path, tmp_path: Path) -> None:
-    """A value of the wrong type is one line and exit status 2 through the real entry point, before any stage."""
-    run = copy_run(trained, tmp_path)
-    before = snapshot(run)
-    msg = cli_error(run_cli("train.py", tmp_path, "stage=meta", "meta.optim.lr=fast"))
-    assert msg == "error: meta.optim.lr must be a number >= 0, got 'fast'"
+    assert cli_error(run_cli("train.py", tmp_path, *args)) == expected
     assert_kept(before, run)
 
 
