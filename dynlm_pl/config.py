@@ -71,4 +71,9 @@ def check_config(cfg: DictConfig) -> DictConfig:
     require(v == "auto" or (_is_int(v) and v >= 0), f"meta.checkpoint_group must be auto or an integer >= 0, "
             f"got {v!r}")
     _check_eval(cfg)
+    m_seg, e_seg = OmegaConf.select(cfg, "meta.segment"), OmegaConf.select(cfg, "eval.segment")
+    require(m_seg is None or e_seg is None or m_seg == e_seg
+            or bool(OmegaConf.select(cfg, "meta.allow_segment_mismatch", default=False)),
+            f"meta.segment={m_seg} differs from eval.segment={e_seg}, where the baselines φ starts from are tuned and "
+            "every method is evaluated; set both to the same value, or meta.allow_segment_mismatch=true")
     return cfg

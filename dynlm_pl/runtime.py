@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from dynlm_pl import artifacts
 from dynlm_pl.data import WikiText2DataModule
 from dynlm_pl.errors import DynlmError, require
+from dynlm_pl.files import file_sha256
 from dynlm_pl.meta.tuning import tune
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import Backbone
@@ -119,8 +120,10 @@ def tuned_baselines(cfg: DictConfig, out: Path, lm: Backbone, valid: torch.Tenso
     evaluate.py (the baselines' rows)."""
     t = cfg.eval.tune
     max_drift = cfg.eval.get("max_drift")
-    key = {"lm_sha256": lm_sha, "segment": int(cfg.eval.segment), "tokens": int(t.tokens),
-           "grid": OmegaConf.to_container(t, resolve=True), "max_drift": max_drift}
+    fisher = out / "fisher.pt"  # Krause's RMS statistics: the rms rule's coordinates depend on them
+    key = {"lm_sha256": lm_sha, "fisher_sha256": file_sha256(fisher) if fisher.is_file() else None,
+           "segment": int(cfg.eval.segment), "tokens": int(t.tokens), "grid": OmegaConf.to_container(t, resolve=True),
+           "max_drift": max_drift, "dynamic": OmegaConf.to_container(cfg.meta.dynamic, resolve=True)}
     path = out / "tuned.json"
     best = artifacts.load_tuned(path, key, methods)
     if best is not None:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from dynlm_pl import evaluation, report, runtime
 from dynlm_pl.artifacts import load_lm
 from dynlm_pl.errors import DynlmError
+from dynlm_pl.files import file_sha256
 from dynlm_pl.meta.rules import SGDRule
 from dynlm_pl.meta.scoring import adaptive_eval, static_losses
 from dynlm_pl.meta.tuning import pattern_search
@@ -122,6 +123,37 @@ def test_tuned_baselines_are_reused(evaluated: tuple[DictConfig, dict, Path], mo
     cfg2.eval.splits = ["valid"]
     res = evaluation.run(cfg2)
     assert res["splits"]["valid"]["sgd"]["ppl"] > 0
+
+
+def test_tuned_baselines_are_retuned_for_another_fisher_pt_or_dynamic_set(
+        evaluated: tuple[DictConfig, dict, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tuned.json is keyed by what tuning depended on: a recomputed fisher.pt (Krause's RMS statistics) or another
+    meta.dynamic selection tunes again instead of reusing stale hyperparameters."""
+    cfg, _, out = evaluated
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("lm.ckpt", "fisher.pt", "tuned.json"):
+        (run / name).write_bytes((out / name).read_bytes())
+    calls: list[int] = []
+
+    def counting(*a: object, **k: object) -> dict:
+        calls.append(1)
+        return json.loads((out / "tuned.json").read_text())["best"]
+
+    monkeypatch.setattr(runtime, "tune", counting)
+    lm, _ = load_lm(run / "lm.ckpt")
+    valid = torch.zeros(10, dtype=torch.long)
+    sha = file_sha256(run / "lm.ckpt")
+    runtime.tuned_baselines(cfg, run, lm, valid, None, sha, ["sgd", "rms"])
+    assert calls == []  # the same LM, fisher.pt, segment, grid and dynamic set: reused
+    with (run / "fisher.pt").open("ab") as f:  # the same statistics' file, recomputed: another hash
+        f.write(b"\0")
+    runtime.tuned_baselines(cfg, run, lm, valid, None, sha, ["sgd", "rms"])
+    assert calls == [1]
+    other = cfg.copy()
+    other.meta.dynamic.exclude = ["encoder.weight"]
+    runtime.tuned_baselines(other, run, lm, valid, None, sha, ["sgd", "rms"])
+    assert calls == [1, 1]
 
 
 def test_textfile_unknown_words_and_bad_method(evaluated: tuple[DictConfig, dict, Path], tmp_path: Path) -> None:

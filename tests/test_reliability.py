@@ -439,6 +439,9 @@ def test_non_positive_max_drift(value: float, trained: Path, tmp_path: Path, cap
 @pytest.mark.parametrize(("override", "expected"), [
     ("meta.checkpoint_group=-1", "error: meta.checkpoint_group must be auto or an integer >= 0, got -1"),
     ("meta.optim.lr=fast", "error: meta.optim.lr must be a number >= 0, got 'fast'"),
+    ("meta.segment=10", "error: meta.segment=10 differs from eval.segment=5, where the baselines φ starts from are "
+                        "tuned and every method is evaluated; set both to the same value, or "
+                        "meta.allow_segment_mismatch=true"),
     ("lm.optim.clip=-1", "error: lm.optim.clip must be a number >= 0, got -1"),
     ("meta.order=3", "error: meta.order must be one of 1, 2, got 3"),
     ("fisher.estimator=exact", "error: fisher.estimator must be one of empirical, batch_ms, got 'exact'"),
