@@ -398,11 +398,12 @@ class StreamWindows(IterableDataset):
 
 
 class UnrollChunks(IterableDataset):
-    """Meta-training batches: (chunk [B, U·M + 1], resets [B, U]) for consecutive unrolls of `streams` [B, N].
+    """Meta-training batches: (chunk [B, U·M + 1], resets) for consecutive unrolls of `streams` [B, N].
 
-    resets[b, k]: an article starts among the inputs of segment k of the chunk in stream b (from `reset_mask`
-    [B, n_segments], or never). `start` (tokens per stream) > 0 only for a run resumed mid-pass: the tokens before
-    it were read before the checkpoint.
+    resets [B, U]: resets[b, k] says an article starts among the inputs of segment k of the chunk in stream b (from
+    `reset_mask` [B, n_segments]); None without a mask, so the inner loop never tests it (on a GPU each test is a
+    host sync). `start` (tokens per stream) > 0 only for a run resumed mid-pass: the tokens before it were read
+    before the checkpoint.
     """
 
     def __init__(self, streams: Tensor, unroll: int, segment: int, reset_mask: Tensor | None = None,
@@ -413,11 +414,10 @@ class UnrollChunks(IterableDataset):
         require(streams.size(1) > self.span + 1, f"the training stream ({streams.size(1)} tokens per stream) is "
                 f"shorter than one unroll ({self.span} tokens); lower unroll, meta.segment or meta.streams")
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor | None]]:
         for s in range(self.start, self.streams.size(1) - self.span - 1 + 1, self.span):
             first = s // self.segment
-            resets = torch.zeros(self.streams.size(0), self.unroll, dtype=torch.bool) if self.reset_mask is None \
-                else self.reset_mask[:, first : first + self.unroll]
+            resets = None if self.reset_mask is None else self.reset_mask[:, first : first + self.unroll]
             yield self.streams[:, s : s + self.span + 1], resets
 
 

@@ -414,3 +414,21 @@ def test_atomic_writes_get_plain_file_permissions(tmp_path: Path) -> None:
     plain.write_text("x")
     atomic_write_text(atomic, "x")
     assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_unroll_chunks_cut_consecutive_unrolls_with_their_reset_flags() -> None:
+    """Each chunk holds U segments of M tokens plus the next target; its resets are the mask's columns of those
+    segments (None without a mask); `start` skips what a resumed run already read."""
+    from dynlm_pl.data import UnrollChunks, article_reset_mask
+
+    streams = torch.arange(2 * 40).view(2, 40)
+    mask = article_reset_mask([(0, "a"), (12, "b"), (40 + 27, "c")], 2, 40, 5)  # segment 2 of row 0, 5 of row 1
+    chunks = list(UnrollChunks(streams, unroll=3, segment=5, reset_mask=mask))
+    assert [c[0, 0].item() for c, _ in chunks] == [0, 15]  # a third chunk would need token 46 of 40
+    assert all(c.shape == (2, 16) for c, _ in chunks)
+    assert torch.equal(chunks[1][0][1], torch.arange(55, 71))
+    assert chunks[0][1].tolist() == [[False, False, True], [False, False, False]]
+    assert chunks[1][1].tolist() == [[False, False, False], [False, False, True]]
+    assert all(r is None for _, r in UnrollChunks(streams, unroll=3, segment=5))
+    resumed = list(UnrollChunks(streams, unroll=3, segment=5, reset_mask=mask, start=15))
+    assert len(resumed) == 1 and torch.equal(resumed[0][0], chunks[1][0]) and torch.equal(resumed[0][1], chunks[1][1])

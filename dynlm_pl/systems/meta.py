@@ -80,7 +80,7 @@ class MetaTrainModule(L.LightningModule):
     def initial_state(self, batch: int) -> tuple[Tensor, Any]:
         return self.unroller().initial_state(batch)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor | None], batch_idx: int) -> Tensor:
         chunk, resets = batch
         hp = self.hparams
         if self._pending is not None:  # first step after resume=true: the RNG state, θ and hidden on this device
