@@ -340,6 +340,13 @@ def test_checkpointing_gives_the_same_meta_gradient(stream: tuple[Tensor, int], 
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch
+    def hwm():
+        # this process's own RSS high-water mark (kB): /proc's VmHWM starts afresh at exec, while ru_maxrss keeps
+        # the forking parent's (pytest's) peak, which can hide the child's whole growth
+        try:
+            return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     from dynlm_pl.meta.weights import DynamicWeights
     from dynlm_pl.models.awd_lstm import AWDLSTM
     from dynlm_pl.systems.meta import MetaTrainModule
@@ -352,10 +359,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
     m = MetaTrainModule(model, dyn, gate, segment=5, unroll=40, checkpointing=ck)
     chunk = torch.randint(0, 3000, (1, 40 * 5 + 1))
     theta, hidden = m.initial_state(1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = hwm()
     loss = m.unroll(chunk, None, theta, hidden)[0]
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = hwm()
     print(json.dumps({"extra_kb": peak - base, "grad": m.meta.out.bias.grad.tolist()}))
 """)
 
