@@ -4,8 +4,9 @@
 
 Prints, for each split of the file (or only `--split`), a markdown table with one row per method: perplexity,
 its reduction against the static LM of the same split (positive: lower perplexity, as evaluate.py's results.md
-prints it), tokens scored, tokens/s. Methods
-the run skipped are listed under the tables with the reason evaluate.py recorded. Reads only the JSON file.
+prints it), its ratio of perplexities to rms and to rms_pt with the paired-bootstrap interval over articles when the
+file has them, tokens scored, tokens/s. Methods the run skipped are listed under the tables with the reason
+evaluate.py recorded. Reads only the JSON file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ["method", "ppl", "vs static", "tokens", "tokens/s"]
+RATIO_TO = ("rms", "rms_pt")  # baselines whose ratio and interval get a column when the file has them
+
+
+def _ratio(r: dict[str, Any], base: str) -> str:
+    v = (r.get("vs") or {}).get(base)
+    return "" if not v else f"{v['ratio']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}]"
 
 
 def split_table(results: dict[str, Any], split: str) -> str:
@@ -29,10 +35,15 @@ def split_table(results: dict[str, Any], split: str) -> str:
         ([f"segment {protocol['segment']}"] if "segment" in protocol else [])
         + ["one stream" if streams == 1 else f"{streams} streams, θ {protocol.get('theta', 'per stream')}"]
     )
-    lines = [f"**{split}** ({where})", "", "| " + " | ".join(COLUMNS) + " |", "|---|---:|---:|---:|---:|"]
+    level = (protocol.get("bootstrap") or {}).get("level", 0.95)
+    ratios = [b for b in RATIO_TO if any(b in (r.get("vs") or {}) for r in rows.values())]
+    cols = ["method", "ppl", "vs static", *[f"÷ {b} [{100 * level:.0f}% CI]" for b in ratios], "tokens", "tokens/s"]
+    lines = [f"**{split}** ({where})", "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
     for method, r in rows.items():
         vs = "" if static is None or method == "static" else f"{100 * (1 - r['ppl'] / static):+.1f}%"
-        lines.append(f"| {method} | {r['ppl']:.2f} | {vs} | {int(r['tokens']):,} | {r['tokens_per_s']:,.0f} |")
+        cells = [method, f"{r['ppl']:.2f}", vs, *[_ratio(r, b) for b in ratios], f"{int(r['tokens']):,}",
+                 f"{r['tokens_per_s']:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -163,6 +163,11 @@ def load_meta(path: str | Path, lm_sha256: str | None = None) -> tuple[MetaLearn
     return meta.eval(), hp
 
 
+def meta_provenance(path: Path) -> dict[str, Any]:
+    """A meta.ckpt's provenance (the LM and Fisher it was trained with, and the data roles it read)."""
+    return load_meta(path)[1].get("provenance") or {}
+
+
 def load_meta_for(path: Path, lm: nn.Module, lm_sha256: str,
                   art: FisherArtifact | None) -> tuple[MetaLearner, DynamicWeights]:
     """φ of `path` and the dynamic weights of `lm` it adapts, refused unless φ was trained on this LM, this
@@ -186,18 +191,18 @@ def load_meta_for(path: Path, lm: nn.Module, lm_sha256: str,
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_tuned(path: Path, key: dict[str, Any], methods: list[str]) -> dict[str, dict[str, Any]] | None:
-    """The stored tuning if it was made under exactly `key` and covers `methods`; None otherwise (also when the
-    file is unreadable: it is then tuned again and replaced)."""
+def load_tuned(path: Path, key: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The methods stored in tuned.json if it was made under exactly `key`; {} otherwise (also when the file is
+    unreadable: what is needed is then tuned again and the file replaced)."""
     if not path.is_file():
-        return None
+        return {}
     try:
         stored = json.loads(path.read_text())
-        if stored.get("key") == key and all(m in stored["best"] for m in methods):
+        if stored.get("key") == key and isinstance(stored["best"], dict):
             return stored["best"]
     except (json.JSONDecodeError, KeyError):
         pass
-    return None
+    return {}
 
 
 def save_tuned(path: Path, key: dict[str, Any], best: dict[str, dict[str, Any]]) -> None:

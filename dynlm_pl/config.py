@@ -16,17 +16,18 @@ from dynlm_pl.errors import require
 # Sizes that must be positive integers.
 POSITIVE_INTS = ("unroll", "meta.segment", "meta.streams", "meta.steps", "meta.val_every", "eval.segment",
                  "eval.streams", "data.bptt", "data.batch_size", "data.eval_batch_size", "data.test_batch_size",
-                 "fisher.batch_size", "fisher.window", "fisher.ms_batch_size", "fisher.ms_window", "eval.tune.tokens")
+                 "fisher.batch_size", "fisher.window", "fisher.ms_batch_size", "fisher.ms_window", "eval.tune.tokens",
+                 "eval.tune.workers", "eval.workers", "eval.bootstrap.resamples")
 # Counts and checkpoint intervals: 0 or more (null allowed).
 NON_NEGATIVE_INTS = ("lm.trainer.ckpt_every_n_steps", "meta.trainer.ckpt_every_n_steps", "meta.reset_every",
-                     "eval.tune.refine", "fisher.tokens")
+                     "eval.tune.refine", "eval.tune.pt_rounds", "fisher.tokens", "eval.bootstrap.seed")
 # Numbers (int or float) >= 0 (null allowed where the key is optional).
 NON_NEGATIVE_NUMBERS = ("lm.optim.lr", "lm.optim.weight_decay", "lm.optim.clip", "lm.optim.alpha", "lm.optim.beta",
                         "meta.optim.lr", "meta.optim.weight_decay", "meta.optim.clip", "meta.ewc_lambda",
                         "gate.lr", "gate.lamb", "gate.eps", "gate.lamb0", "gate.clamp", "eval.tune.rms_eps",
-                        "eval.tune.refine_step")
+                        "eval.tune.refine_step", "eval.tune.pt_step")
 CHOICES = {"meta.order": (1, 2), "meta.data": ("train", "valid"), "fisher.estimator": ("empirical", "batch_ms")}
-METHODS = ("static", "sgd", "rms", "meta_noflush", "meta")
+METHODS = ("static", "sgd", "rms", "rms_pt", "meta_noflush", "meta")
 
 
 def _is_int(v: Any) -> bool:
@@ -59,6 +60,16 @@ def _check_eval(cfg: DictConfig) -> None:
     v = e.get("max_drift")
     require(v is None or (_is_number(v) and v > 0), f"eval.max_drift must be a positive number or null (no bound), "
             f"got {v!r}")
+    for key in ("eval.tune.refine_step", "eval.tune.pt_step"):
+        v = OmegaConf.select(cfg, key, default=None)
+        require(v is None or v > 1, f"{key} must be a factor > 1, got {v!r}")
+    v = OmegaConf.select(cfg, "eval.bootstrap.level", default=None)
+    require(v is None or (_is_number(v) and 0 < v < 1), f"eval.bootstrap.level must be in (0, 1), got {v!r}")
+    # Data roles: φ is selected on the selection slice, valid[:eval.tune.tokens], where the baselines are tuned.
+    n_phi, n_sel = OmegaConf.select(cfg, "meta.val_tokens"), OmegaConf.select(cfg, "eval.tune.tokens")
+    require(n_phi is None or n_sel is None or (_is_int(n_phi) and 0 < n_phi <= n_sel),
+            f"meta.val_tokens={n_phi} must be at most eval.tune.tokens={n_sel}: φ is selected on the selection "
+            "slice where the baselines are tuned, and meta-training reads the validation split only past it")
 
 
 def check_config(cfg: DictConfig) -> DictConfig:

@@ -440,8 +440,9 @@ class FisherCut:
 @dataclass(frozen=True)
 class MetaCut:
     """`train_dataloader` reads unroll chunks of `streams` streams of the meta-training text (the training split,
-    or the validation split past the selection slice); `val_dataloader` the selection slice, the first
-    `val_tokens` of the validation split (None: all of it), as one batch."""
+    or the validation split past the selection slice); `val_dataloader` φ's selection tokens, the first
+    `val_tokens` of the validation split (None: all of it), as one batch. `holdout`: the selection slice's length
+    (eval.tune.tokens, where the baselines are tuned): meta-training on valid starts past it too."""
 
     source: str
     unroll: int
@@ -449,6 +450,7 @@ class MetaCut:
     streams: int
     val_tokens: int | None
     reset_at_articles: bool = False
+    holdout: int = 0
 
 
 class WikiText2DataModule(L.LightningDataModule):
@@ -564,16 +566,28 @@ class WikiText2DataModule(L.LightningDataModule):
         corpus = self.load()
         if cut.source == "train":
             return corpus.splits["train"], corpus.articles["train"]
-        n_sel = self._n_selection(cut)
+        n_sel = self._meta_start(cut)
         return corpus.splits["valid"][n_sel:], [(o - n_sel, t) for o, t in corpus.articles["valid"] if o >= n_sel]
+
+    def _meta_start(self, cut: MetaCut) -> int:
+        return max(self._n_selection(cut), int(cut.holdout))
+
+    def roles(self) -> dict[str, str]:
+        """The tokens φ is selected on and meta-trained on, as `split[start:end]` (recorded in meta.ckpt)."""
+        cut = self.cut
+        require(isinstance(cut, MetaCut), "roles() needs use(MetaCut(...)) first")
+        splits = self.load().splits
+        train = f"train[0:{splits['train'].numel()}] (the LM's training split)" if cut.source == "train" else \
+            f"valid[{self._meta_start(cut)}:{splits['valid'].numel()}]"
+        return {"φ selection": f"valid[0:{self._n_selection(cut)}]", "meta-training": train}
 
     def _check_meta(self, cut: MetaCut) -> None:
         require(cut.source in ("train", "valid"), f"meta.data must be train or valid, got {cut.source!r}")
         if cut.source == "valid":
-            n_sel, n = self._n_selection(cut), self.load().splits["valid"].numel()
+            n_sel, n = self._meta_start(cut), self.load().splits["valid"].numel()
             require(n - n_sel > 2 * cut.unroll * cut.segment * cut.streams, f"meta.data=valid trains on the "
-                    f"validation split past its first meta.val_tokens={n_sel} tokens, and {n - n_sel} are left; "
-                    "lower meta.val_tokens")
+                    f"validation split past its selection slice (first {n_sel} tokens), and {n - n_sel} are left; "
+                    "lower eval.tune.tokens and meta.val_tokens")
 
     def meta_streams(self) -> tuple[Tensor, Tensor | None]:
         """All ranks' meta-training streams [B, N] and their article-reset mask [B, n_segments] (or None)."""

@@ -20,10 +20,19 @@ gate statistics, and tokens-<split>.html (Figure 2, right). With `logger=wandb` 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
+import hashlib
 import io
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +46,17 @@ from dynlm_pl import artifacts, report
 from dynlm_pl.config import check_config
 from dynlm_pl.data import UNK, Corpus, article_index, read_lines
 from dynlm_pl.errors import DynlmError, require
-from dynlm_pl.files import atomic_write_text, file_sha256
+from dynlm_pl.files import atomic_write_bytes, atomic_write_text, file_sha256
 from dynlm_pl.fisher import FisherArtifact
 from dynlm_pl.meta.rules import RecordingGateRule, Rule, build_rule
 from dynlm_pl.meta.scoring import method_losses, static_losses
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import Backbone
 from dynlm_pl.runtime import make_datamodule, run_dir, tuned_baselines
+
+# The methods every other method's perplexity is compared with: ratio and paired-bootstrap interval (results.json).
+BASELINES = ("static", "sgd", "rms", "rms_pt")
+TUNED = ("sgd", "rms", "rms_pt")  # tuned on the selection slice (tuned.json)
 
 # ----------------------------------------------------------------------------------------------------
 # Building each method's rule
@@ -111,7 +124,7 @@ def _methods(cfg: DictConfig, out: Path, lm: Backbone, lm_sha: str, valid: Tenso
         ms.hashes["fisher.pt"] = file_sha256(out / "fisher.pt")
     for m in e.methods:
         path = out / f"{m}.ckpt"
-        if m == "rms" and art is None:
+        if m in ("rms", "rms_pt") and art is None:
             ms.notes[m] = "skipped: needs fisher.pt (python train.py stage=fisher)"
         elif m in ("meta", "meta_noflush") and not path.is_file():
             ms.notes[m] = f"skipped: no {path.name} (python train.py stage=meta" + \
@@ -124,9 +137,9 @@ def _methods(cfg: DictConfig, out: Path, lm: Backbone, lm_sha: str, valid: Tenso
             ms.rules[m] = None  # static; sgd and rms are built after tuning
     for m, why in ms.notes.items():
         print(f"[evaluate] {m}: {why}")
-    need_tune = [m for m in ("sgd", "rms") if m in ms.rules]
+    need_tune = [m for m in TUNED if m in ms.rules]
     if need_tune:
-        require(valid is not None, "tuning sgd/rms needs the validation split: evaluate a text file with "
+        require(valid is not None, "tuning sgd/rms/rms_pt needs the validation split: evaluate a text file with "
                 "eval.methods=[static,meta] or run on the corpus the LM was trained on first")
         ms.tuned = tuned_baselines(cfg, out, lm, valid, base_dyn, lm_sha, need_tune)
         for m in need_tune:
@@ -134,45 +147,182 @@ def _methods(cfg: DictConfig, out: Path, lm: Backbone, lm_sha: str, valid: Tenso
     return ms
 
 
+@dataclass
+class Scored:
+    """One method over one split: per-token losses [N-1] (float64, stream order), seconds, ‖θ_t − θ_0‖ at its
+    largest and at the end (adaptive methods), and the gate history [n_points, 3, n_tensors] (meta)."""
+
+    losses: np.ndarray
+    seconds: float
+    drift: tuple[float, float] | None = None
+    gates: np.ndarray | None = None
+    reused: bool = False
+
+
 def _score_method(cfg: DictConfig, lm: Backbone, tokens: Tensor, m: str, rule: Rule | None,
-                  dyn: DynamicWeights | None) -> tuple[np.ndarray, list[float] | None, Tensor | None, float]:
-    """Per-token losses of one method over `tokens`, its drift record (None for static), its gate history
-    [n_points, 3, n_tensors] (meta only) and the seconds it took."""
+                  dyn: DynamicWeights | None, label: str) -> Scored:
+    """Per-token losses of one method over `tokens` (a progress bar named `label`)."""
     e = cfg.eval
     t0, drift, gates = time.time(), None, None
     if rule is None:
-        lt = static_losses(lm, tokens, int(cfg.data.bptt), progress=True, streams=int(e.get("streams", 1)))
+        lt = static_losses(lm, tokens, int(cfg.data.bptt), progress=label, streams=int(e.get("streams", 1)))
     else:
         if isinstance(rule, RecordingGateRule):
             rule.history, rule.n = [], 0
-        lt, drift = method_losses(lm, tokens, rule, int(e.segment), dyn, int(e.get("streams", 1)),
-                                  bool(e.get("shared_theta", False)), e.get("max_drift"), progress=True)
+        lt, d = method_losses(lm, tokens, rule, int(e.segment), dyn, int(e.get("streams", 1)),
+                              bool(e.get("shared_theta", False)), e.get("max_drift"), progress=label)
+        require(all(map(math.isfinite, d)), f"{label} drove the weights to inf/NaN; lower its learning rate")
+        drift = (max(d, default=0.0), d[-1] if d else 0.0)
         if m == "meta" and isinstance(rule, RecordingGateRule) and rule.history:
-            gates = torch.stack(rule.history)
-    return lt.double().cpu().numpy(), drift, gates, time.time() - t0
+            gates = torch.stack(rule.history).numpy()
+    arr = lt.double().cpu().numpy()
+    require(np.isfinite(arr).all(), f"{label} produced non-finite losses; lower its learning rate")
+    return Scored(arr, time.time() - t0, drift, gates)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Each method's losses kept on disk (eval/<split>-<method>.npz): resume per method, and parallel workers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _method_key(cfg: DictConfig, ms: Methods, m: str, split: str, tokens: Tensor) -> dict[str, Any]:
+    """What a method's losses on a split depend on: a cached file is reused only under the same key."""
+    e = cfg.eval
+    ckpts = {k: v for k, v in ms.hashes.items()
+             if k == "lm.ckpt" or (k == "fisher.pt" and m != "static" and m != "sgd") or k == f"{m}.ckpt"}
+    return {"method": m, "split": split, "tokens": int(tokens.numel()),
+            "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(), "checkpoints": ckpts,
+            "hparams": ms.tuned.get(m, {}).get("hparams", {}), "segment": int(e.segment),
+            "streams": int(e.get("streams", 1)), "shared_theta": bool(e.get("shared_theta", False)),
+            "max_drift": e.get("max_drift"), "static_window": int(cfg.data.bptt),
+            "fused_gate": bool(e.get("fused_gate", False))}
+
+
+def _save_scored(path: Path, key: dict[str, Any], sc: Scored) -> None:
+    buf = io.BytesIO()
+    info = {"key": key, "seconds": sc.seconds, "drift": sc.drift}
+    extra = {} if sc.gates is None else {"gates": sc.gates}
+    np.savez(buf, losses=sc.losses, info=np.array(json.dumps(info)), **extra)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_scored(path: Path, key: dict[str, Any]) -> Scored | None:
+    """The kept losses if `path` holds them under `key` (else None: computed anew and replaced)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            info = json.loads(str(z["info"]))
+            if info["key"] != json.loads(json.dumps(key)):
+                return None
+            drift = tuple(info["drift"]) if info["drift"] is not None else None
+            gates = z["gates"] if "gates" in z.files else None
+            return Scored(z["losses"], float(info["seconds"]), drift, gates, True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def _compute(cfg: DictConfig, lm: Backbone, ms: Methods, split: str, tokens: Tensor, m: str, path: Path,
+             key: dict[str, Any]) -> None:
+    label = f"{split} {m}"
+    sc = _score_method(cfg, lm, tokens, m, ms.rules[m], ms.dyns.get(m), label)
+    _save_scored(path, key, sc)
+    print(f"[evaluate] {label:>18}: ppl {math.exp(sc.losses.mean()):8.2f}  ({sc.losses.size / sc.seconds:,.0f} tok/s, "
+          f"{sc.seconds:.0f}s)", flush=True)
+
+
+def _in_worker(job: Callable[[], None]) -> None:
+    """A forked worker: one thread (the workers share the cores), the job, then exit without running the parent's
+    atexit handlers or finalizers; a failure prints its one line and exits 2."""
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        job()
+    except DynlmError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = 2
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _run_parallel(jobs: dict[str, Callable[[], None]], workers: int) -> None:
+    """Run the jobs in forked processes, `workers` at a time (non-daemonic: the compiled gate may start its own
+    compile workers); every job runs even if one fails, so what finished is kept; then a failure is one line."""
+    ctx = multiprocessing.get_context("fork")
+    todo, running, failed = list(jobs.items()), {}, []
+    while todo or running:
+        while todo and len(running) < workers:
+            name, job = todo.pop(0)
+            p = ctx.Process(target=_in_worker, args=(job,), name=name)
+            p.start()
+            running[p.sentinel] = p
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            p = running.pop(sentinel)
+            p.join()
+            if p.exitcode != 0:
+                failed.append(f"{p.name} (exit status {p.exitcode})")
+    require(not failed, f"evaluation of {', '.join(failed)} failed in its worker process (its message is above); "
+            "the methods that finished are kept under eval/: fix the cause and rerun the same command")
+
+
+def _score_split(cfg: DictConfig, out: Path, lm: Backbone, ms: Methods, split: str,
+                 tokens: Tensor) -> dict[str, Scored]:
+    """Every method over one split: kept losses are reused, the rest computed (in parallel with eval.workers)."""
+    (out / "eval").mkdir(exist_ok=True)
+    keys = {m: _method_key(cfg, ms, m, split, tokens) for m in ms.rules}
+    paths = {m: out / "eval" / f"{split}-{m}.npz" for m in ms.rules}
+    todo = [m for m in ms.rules if _load_scored(paths[m], keys[m]) is None]
+    reused = [m for m in ms.rules if m not in todo]
+    if reused:
+        print(f"[evaluate] {split}: reusing {', '.join(reused)} from {out / 'eval'}")
+    jobs = {m: functools.partial(_compute, cfg, lm, ms, split, tokens, m, paths[m], keys[m]) for m in todo}
+    workers = int(cfg.eval.get("workers", 1))
+    if workers > 1 and len(todo) > 1:
+        _run_parallel({f"{split} {m}": jobs[m] for m in todo[::-1]}, workers)  # meta, the slowest, first
+    else:
+        for job in jobs.values():
+            job()
+    scored: dict[str, Scored] = {}
+    for m in ms.rules:
+        sc = _load_scored(paths[m], keys[m])
+        require(sc is not None, f"{paths[m]} was not written; rerun the same command")
+        scored[m] = dataclasses.replace(sc, reused=m in reused)
+    return scored
 
 
 def _evaluate_split(cfg: DictConfig, out: Path, lm: Backbone, ms: Methods, split: str, tokens: Tensor,
                     articles: list[tuple[int, str]], corpus: Corpus) -> dict[str, Any]:
-    """Every method over one split: its results row per method, and the split's files (losses, CSV, plots)."""
-    losses: dict[str, np.ndarray] = {}
-    rows: dict[str, list[dict]] = {}
+    """Every method over one split: its results row per method (with the intervals of its ratios to the
+    baselines), and the split's files (losses, CSV, plots)."""
+    scored = _score_split(cfg, out, lm, ms, split, tokens)
+    losses = {m: sc.losses for m, sc in scored.items()}
+    rows = {m: report.per_article(arr, articles) for m, arr in losses.items()}
+    b = cfg.eval.get("bootstrap") or {}
+    boot = {"resamples": int(b.get("resamples", 2000)), "seed": int(b.get("seed", 0)),
+            "level": float(b.get("level", 0.95))}
     res: dict[str, Any] = {}
-    gates: Tensor | None = None
-    for m, rule in ms.rules.items():
-        arr, drift, g, sec = _score_method(cfg, lm, tokens, m, rule, ms.dyns.get(m))
-        gates = g if g is not None else gates
-        require(np.isfinite(arr).all(), f"{m} produced non-finite losses on {split}; lower its learning rate")
-        losses[m], rows[m] = arr, report.per_article(arr, articles)
+    for m, sc in scored.items():
+        arr = sc.losses
         res[m] = {"ppl": math.exp(arr.mean()), "loss": float(arr.mean()), "tokens": int(arr.size),
-                  "tokens_per_s": arr.size / sec, "seconds": sec, "hparams": ms.tuned.get(m, {}).get("hparams", {})}
-        if drift is not None:
-            require(all(map(math.isfinite, drift)), f"{m} drove the weights to inf/NaN on {split}")
-            res[m]["theta_drift_max"], res[m]["theta_drift_final"] = max(drift, default=0.0), \
-                (drift[-1] if drift else 0.0)
-        print(f"[evaluate] {split} {m:>12}: ppl {res[m]['ppl']:8.2f}  ({arr.size / sec:,.0f} tok/s)", flush=True)
-    _write_split(out, out / "plots", split, tokens, corpus.vocab, articles, losses, rows, gates, ms.dyns.get("meta"),
+                  "tokens_per_s": arr.size / sc.seconds, "seconds": sc.seconds, "reused": sc.reused,
+                  "hparams": ms.tuned.get(m, {}).get("hparams", {}),
+                  "vs": {base: report.paired_bootstrap(arr, losses[base], articles, **boot)
+                         for base in BASELINES if base in losses and base != m}}
+        if sc.drift is not None:
+            res[m]["theta_drift_max"], res[m]["theta_drift_final"] = sc.drift
+    gates = scored["meta"].gates if "meta" in scored else None
+    _write_split(out, out / "plots", split, tokens, corpus.vocab, articles, losses, rows,
+                 None if gates is None else torch.from_numpy(gates), ms.dyns.get("meta"),
                  int(cfg.eval.html_articles), int(cfg.eval.smooth))
+    for a, bname in (("meta", "rms"), ("meta", "rms_pt")):
+        if a in losses and bname in losses:
+            report.plot_article_ratio(losses[a], losses[bname], articles, res[a]["vs"][bname], a, bname,
+                                      out / "plots" / f"{a}-vs-{bname}-{split}.png")
     return res
 
 
@@ -191,9 +341,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "protocol": {"streams": n_streams, "theta": "shared" if e.get("shared_theta") and n_streams > 1
                      else "per stream", "segment": int(e.segment), "order": "score then update", "max_tokens": limit,
                      "ppl": "exp(total loss / tokens scored)", "static_window": int(cfg.data.bptt),
-                     "max_drift": e.get("max_drift")},
+                     "max_drift": e.get("max_drift"), "bootstrap": OmegaConf.to_container(e.bootstrap, resolve=True)
+                     if e.get("bootstrap") else None},
         "checkpoints": ms.hashes, "data": {"source": corpus.source, "vocab": corpus.vocab_hash},
-        "skipped": ms.notes, "splits": {}}
+        "lm": {"tokens_seen": prov.get("tokens_seen")},
+        "skipped": ms.notes, "tuning": ms.tuned, "roles": _roles(cfg, out, ms, valid), "splits": {}}
     (out / "plots").mkdir(exist_ok=True)
     for split in splits:
         tokens, arts = splits_t[split], articles[split]
@@ -201,15 +353,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tokens = tokens[: int(limit)]
             arts = [(o, t) for o, t in arts if o < tokens.numel()]
             print(f"[evaluate] {split}: first {tokens.numel():,} tokens (eval.max_tokens)")
+        results["roles"][f"evaluation ({split})"] = f"{split}[0:{tokens.numel()}]"
         results["splits"][split] = _evaluate_split(cfg, out, lm, ms, split, tokens, arts, corpus)
     md = _markdown(results)
     results["markdown"] = md
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     atomic_write_text(out / "results.md", md + "\n")
+    if ms.tuned:
+        atomic_write_text(out / "tuning.md", _tuning_markdown(ms.tuned) + "\n")
     print(md)
     if cfg.get("logger") and "wandb" in cfg.logger:
         _to_wandb(cfg, out, results, splits)
     return results
+
+
+def _roles(cfg: DictConfig, out: Path, ms: Methods, valid: Tensor | None) -> dict[str, str]:
+    """Which tokens each role read: the baselines' tuning, and φ's selection and meta-training (from meta.ckpt)."""
+    roles: dict[str, str] = {}
+    if ms.tuned and valid is not None:
+        roles["tuning (sgd, rms, rms_pt)"] = f"valid[0:{min(int(cfg.eval.tune.tokens), valid.numel())}]"
+    for m in ("meta", "meta_noflush"):
+        if m in ms.rules:
+            for role, where in (artifacts.meta_provenance(out / f"{m}.ckpt").get("roles") or {}).items():
+                roles[f"{role} ({m})"] = where
+    return roles
 
 
 def _write_split(out: Path, plots: Path, split: str, tokens: Tensor, vocab: list[str],
@@ -276,22 +443,55 @@ def _plot_gates(gates: Tensor, dyn: DynamicWeights, articles: list[tuple[int, st
     plt.close(fig)
 
 
+def _ratio(r: dict[str, Any], base: str) -> str:
+    """'ratio [lo, hi]' of ppl to `base` from the row's paired bootstrap, or '' when `base` was not evaluated."""
+    v = r.get("vs", {}).get(base)
+    return f"{v['ratio']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}]" if v else ""
+
+
+def _hparams(hp: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" for k, v in hp.items())
+
+
 def _markdown(results: dict[str, Any]) -> str:
+    """One table per split: ppl, the gain over static, and the ratio of ppl to rms and rms_pt with the
+    paired-bootstrap interval over articles (below 1: better than that baseline)."""
     out = []
+    level = (results["protocol"].get("bootstrap") or {}).get("level", 0.95)
+    cols = ["method", "ppl", "vs static", f"÷ rms [{100 * level:.0f}% CI]", f"÷ rms_pt [{100 * level:.0f}% CI]",
+            "tokens/s", "seconds", "hyperparameters"]
     for split, res in results["splits"].items():
-        static = res.get("static", {}).get("ppl")
         rows = []
         for m, r in res.items():
-            gain = f"{100 * (1 - r['ppl'] / static):+.1f}%" if static else ""
-            hp = ", ".join(f"{k}={v:g}" for k, v in r["hparams"].items())
-            rows.append({"method": m, "ppl": r["ppl"], "vs static": gain, "tokens/s": f"{r['tokens_per_s']:,.0f}",
-                         "seconds": r["seconds"], "hyperparameters": hp})
+            st = r.get("vs", {}).get("static")
+            gain = f"{100 * (1 - st['ratio']):+.1f}% [{100 * (1 - st['hi']):+.1f}, {100 * (1 - st['lo']):+.1f}]" \
+                if st else ""
+            rows.append({"method": m, "ppl": r["ppl"], "vs static": gain, cols[3]: _ratio(r, "rms"),
+                         cols[4]: _ratio(r, "rms_pt"), "tokens/s": f"{r['tokens_per_s']:,.0f}",
+                         "seconds": r["seconds"], "hyperparameters": _hparams(r["hparams"])})
         pr = results["protocol"]
         streams = "one stream" if pr["streams"] == 1 else f"{pr['streams']} streams, θ {pr['theta']}"
-        out.append(f"**{split}** (segment {pr['segment']}, {streams})\n\n"
-                   + report.markdown_table(rows, ["method", "ppl", "vs static", "tokens/s", "seconds",
-                                                  "hyperparameters"]))
+        n_art = next((v["articles"] for r in res.values() for v in r.get("vs", {}).values()), None)
+        out.append(f"**{split}** (segment {pr['segment']}, {streams}, {next(iter(res.values()))['tokens']:,} "
+                   f"tokens{f', {n_art} articles' if n_art else ''}, max_drift {pr['max_drift']})\n\n"
+                   + report.markdown_table(rows, cols))
+    roles = results.get("roles") or {}
+    if roles:
+        out.append("Data roles: " + "; ".join(f"{k} {v}" for k, v in roles.items()))
     return "\n\n".join(out)
+
+
+def _tuning_markdown(tuned: dict[str, dict[str, Any]]) -> str:
+    """Every trial of the baselines' tuning, in the order run (tuned.json holds the same)."""
+    parts = []
+    for m, t in tuned.items():
+        rows = [{"trial": k, "hyperparameters": _hparams({h: v for h, v in r.items() if h not in ("loss", "seconds")}),
+                 "ppl": math.exp(min(r["loss"], 50.0)), "seconds": r.get("seconds", math.nan)}
+                for k, r in enumerate(t["trials"])]
+        parts.append(f"**{m}**: {len(rows)} trials, chosen {_hparams(t['hparams'])} (ppl "
+                     f"{math.exp(min(t['tune_loss'], 50.0)):.2f})\n\n"
+                     + report.markdown_table(rows, ["trial", "hyperparameters", "ppl", "seconds"]))
+    return "\n\n".join(parts)
 
 
 def _to_wandb(cfg: DictConfig, out: Path, results: dict[str, Any], splits: list[str]) -> None:

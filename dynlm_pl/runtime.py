@@ -4,6 +4,7 @@ loggers and checkpoint callbacks, and the baselines tuned for this run. Stages a
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,20 +116,24 @@ def barrier() -> None:
 
 def tuned_baselines(cfg: DictConfig, out: Path, lm: Backbone, valid: torch.Tensor, dyn: DynamicWeights, lm_sha: str,
                     methods: list[str]) -> dict[str, dict[str, Any]]:
-    """tuned.json for this LM, segment and grid if it exists, else tune now (eval.tune on the first eval.tune.tokens
-    of the validation split) and store it. Shared by the meta stage (φ starts at the better tuned rule) and
-    evaluate.py (the baselines' rows)."""
+    """tuned.json for this LM, segment and grid if it exists, else tune now (eval.tune on the selection slice, the
+    first eval.tune.tokens of the validation split) and store it. Shared by the meta stage (φ starts at the better
+    tuned rule) and evaluate.py (the baselines' rows)."""
     t = cfg.eval.tune
     max_drift = cfg.eval.get("max_drift")
     fisher = out / "fisher.pt"  # Krause's RMS statistics: the rms rule's coordinates depend on them
+    grid = {k: v for k, v in OmegaConf.to_container(t, resolve=True).items() if k != "workers"}  # not a result
     key = {"lm_sha256": lm_sha, "fisher_sha256": file_sha256(fisher) if fisher.is_file() else None,
-           "segment": int(cfg.eval.segment), "tokens": int(t.tokens), "grid": OmegaConf.to_container(t, resolve=True),
+           "segment": int(cfg.eval.segment), "tokens": int(t.tokens), "grid": grid,
            "max_drift": max_drift, "dynamic": OmegaConf.to_container(cfg.meta.dynamic, resolve=True)}
     path = out / "tuned.json"
-    best = artifacts.load_tuned(path, key, methods)
-    if best is not None:
-        print(f"[evaluate] reusing tuned baselines from {path}")
-        return best
-    best = tune(lm, valid[: int(t.tokens)], dyn, int(cfg.eval.segment), t, methods, max_drift)
+    best = artifacts.load_tuned(path, key)
+    missing = [m for m in methods if m not in best]
+    if not missing:
+        print(f"[tune] reusing tuned {', '.join(methods)} from {path}")
+        return {m: best[m] for m in methods}
+    t0 = time.time()
+    best.update(tune(lm, valid[: int(t.tokens)], dyn, int(cfg.eval.segment), t, missing, max_drift, known=best))
+    print(f"[tune] {', '.join(missing)} tuned in {time.time() - t0:.0f}s", flush=True)
     artifacts.save_tuned(path, key, best)
-    return best
+    return {m: best[m] for m in methods if m in best}

@@ -175,6 +175,8 @@ def test_gate_preset_updates(gate: str, compose_cfg) -> None:
     from dynlm_pl.stages.meta import gate_config
 
     g = gate_config(compose_cfg([f"gate={gate}"]), has_fisher=True)
+    if g.get("lr") is None:  # gate=paper: the meta stage starts it at the tuned sgd step (tests/test_meta.py)
+        g["lr"] = 0.5
     model = tiny_lm(30)
     dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
     meta = build_meta_learner(g, len(dyn.spec.names))

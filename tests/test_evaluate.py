@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from dynlm_pl.errors import DynlmError
 from dynlm_pl.files import file_sha256
 from dynlm_pl.meta.rules import SGDRule
 from dynlm_pl.meta.scoring import adaptive_eval, static_losses
-from dynlm_pl.meta.tuning import pattern_search
+from dynlm_pl.meta.tuning import compass_search, krause_grid
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.stages import fisher as fisher_stage
 from dynlm_pl.stages import lm as lm_stage
@@ -27,7 +29,8 @@ OVERRIDES = [
     "experiment=smoke", "data.synthetic.articles={train:60,valid:3,test:3}", "data.synthetic.article_len=150",
     "lm.trainer.max_epochs=4", "trainer.enable_progress_bar=false", "fisher.tokens=2000", "fisher.batch_size=4",
     "eval.tune.tokens=400", "eval.tune.sgd_lr=[0.01,0.03]", "eval.tune.rms_lr=[2e-5,1e-4]",
-    "eval.tune.rms_lamb=[0.0,0.002]", "eval.smooth=20", "eval.methods=[static,sgd,rms]",
+    "eval.tune.rms_lamb=[0.0,0.002]", "eval.tune.refine=1", "eval.smooth=20", "eval.methods=[static,sgd,rms,rms_pt]",
+    "eval.splits=[valid,test]",
 ]
 
 
@@ -74,22 +77,39 @@ def test_results_json_fields(evaluated: tuple[DictConfig, dict, Path]) -> None:
     assert set(r["checkpoints"]) >= {"lm.ckpt", "fisher.pt"}
     assert all(len(h) == 64 for h in r["checkpoints"].values())
     assert set(r["splits"]) == {"valid", "test"}
+    assert r["protocol"]["max_drift"] is None  # no hidden decay: sgd and rms are the published rules
     for split in ("valid", "test"):
-        assert set(r["splits"][split]) == {"static", "sgd", "rms"}
-        for v in r["splits"][split].values():
-            assert set(v) >= {"ppl", "loss", "tokens", "tokens_per_s", "seconds", "hparams"}
+        assert set(r["splits"][split]) == {"static", "sgd", "rms", "rms_pt"}
+        for m, v in r["splits"][split].items():
+            assert set(v) >= {"ppl", "loss", "tokens", "tokens_per_s", "seconds", "hparams", "vs"}
             assert math.exp(v["loss"]) == pytest.approx(v["ppl"])
             assert v["tokens"] > 0 and v["tokens_per_s"] > 0
+            # the ratio to each other baseline, with its bootstrap interval around it
+            assert set(v["vs"]) == {"static", "sgd", "rms", "rms_pt"} - {m}
+            for base, ci in v["vs"].items():
+                assert ci["ratio"] == pytest.approx(v["ppl"] / r["splits"][split][base]["ppl"], rel=1e-9)
+                assert ci["lo"] <= ci["ratio"] <= ci["hi"] and ci["articles"] == 3 and ci["resamples"] == 2000
         assert set(r["splits"][split]["rms"]["hparams"]) == {"lr", "lamb", "eps"}
-        for m in ("sgd", "rms"):  # ‖θ_t − θ_0‖ is logged for adaptive methods: it moved, and stayed finite
+        groups = {"bias", "encoder", "rnns.0", "rnns.1"}
+        assert set(r["splits"][split]["rms_pt"]["hparams"]) == {"eps"} | {f"{k}@{g}" for k in ("lr", "lamb")
+                                                                           for g in groups}
+        for m in ("sgd", "rms", "rms_pt"):  # ‖θ_t − θ_0‖ is logged for adaptive methods: it moved, stayed finite
             v = r["splits"][split][m]
             assert 0 < v["theta_drift_final"] <= v["theta_drift_max"] < math.inf
         assert "theta_drift_max" not in r["splits"][split]["static"]
-    assert "| method |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| method |" in md and "÷ rms [95% CI]" in md and "Data roles: tuning (sgd, rms, rms_pt) valid[0:400]" in md
+    assert r["roles"]["evaluation (test)"].startswith("test[0:")
     tuned = json.loads((out / "tuned.json").read_text())
     rms = tuned["best"]["rms"]
-    assert set(tuned["best"]) == {"sgd", "rms"} and len(rms["trials"]) >= 4  # the 2x2 grid, then its refinement
+    assert set(tuned["best"]) == {"sgd", "rms", "rms_pt"} and len(rms["trials"]) >= 4  # the 2x2 grid, then more
     assert rms["tune_loss"] == min(t["loss"] for t in rms["trials"]) <= min(t["loss"] for t in rms["trials"][:4])
+    # rms_pt starts at the tuned rms rule (every group at its η, λ) and keeps only what lowers the loss
+    pt = tuned["best"]["rms_pt"]
+    assert all(pt["trials"][0][f"lr@{g}"] == rms["hparams"]["lr"] for g in groups)
+    assert pt["tune_loss"] == min(t["loss"] for t in pt["trials"]) <= rms["tune_loss"] + 1e-6
+    assert r["tuning"]["rms_pt"]["trials"] == pt["trials"]  # every trial reported
+    assert (out / "tuning.md").read_text().count("| ") > len(rms["trials"]) + len(pt["trials"])
 
 
 def test_plots_and_html_written(evaluated: tuple[DictConfig, dict, Path]) -> None:
@@ -212,18 +232,45 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     assert (out / "results.json").read_bytes() == before  # nothing already written is touched
 
 
-def test_pattern_search_leaves_the_grid_for_a_better_point() -> None:
+def _counting(loss: Callable[[dict[str, float]], float], calls: list[dict[str, float]]) -> Callable:
+    def trials(hps: list[dict[str, float]]) -> list[float]:
+        calls.extend(hps)
+        return [loss(hp) for hp in hps]
+    return trials
+
+
+def test_compass_search_leaves_the_grid_for_a_better_point() -> None:
     """The tuned baseline is not stuck on a grid's edge: a loss with its minimum at lr = 0.05, beyond a grid
     whose largest lr is 0.01, is found to within the last step (3^(1/4) ≈ 1.32x)."""
-    calls: list[float] = []
-
-    def loss_of(hp: dict[str, float]) -> float:
-        calls.append(hp["lr"])
-        return (math.log(hp["lr"]) - math.log(0.05)) ** 2 if hp["lr"] > 0 else 10.0
-
-    best = pattern_search({"lr": 0.01}, loss_of, ["lr"], step=3.0, rounds=3)
+    calls: list[dict[str, float]] = []
+    loss = lambda hp: (math.log(hp["lr"]) - math.log(0.05)) ** 2
+    best = compass_search({"lr": 0.01}, _counting(loss, calls), [["lr"]], step=3.0, rounds=3, zero_to={})
     assert abs(math.log(best["lr"] / 0.05)) <= math.log(3.0) / 8 + 1e-9
-    assert pattern_search({"lr": 0.0}, loss_of, ["lr"], 3.0, 2) == {"lr": 0.0}  # zero stays zero
+    assert all(c["lr"] > 0 for c in calls)
+
+
+def test_compass_search_moves_a_zero_key_off_zero_when_that_helps() -> None:
+    """λ = 0 is a starting point the search can leave (to the grid's smallest positive λ, then by steps), and
+    keeps when no decay is best: the tuned rms baseline wins a fair contest, not a grid that could not move."""
+    def loss(best_lamb: float) -> Callable[[dict[str, float]], float]:
+        return lambda hp: (math.log(hp["lr"]) - math.log(2e-4)) ** 2 + (
+            (math.log(max(hp["lamb"], 1e-12)) - math.log(best_lamb)) ** 2 if best_lamb else 100 * hp["lamb"])
+
+    calls: list[dict[str, float]] = []
+    got = compass_search({"lr": 2e-4, "lamb": 0.0}, _counting(loss(0.008), calls), [["lr", "lamb"]], 2.0, 3,
+                         {"lamb": 0.001})
+    assert got["lamb"] > 0 and abs(math.log(got["lamb"] / 0.008)) <= math.log(2.0) / 4 + 1e-9
+    assert {"lr": 2e-4, "lamb": 0.001} in calls  # the first move off zero: the smallest positive grid value
+    no_decay = compass_search({"lr": 2e-4, "lamb": 0.0}, _counting(loss(0.0), []), [["lr", "lamb"]], 2.0, 3,
+                              {"lamb": 0.001})
+    assert no_decay == {"lr": 2e-4, "lamb": 0.0}
+
+
+def test_krause_grid_scales_with_the_segment() -> None:
+    """dynamiceval.py's --grid: η and λ stated at segment 5, multiplied by M/5."""
+    grid = {"rms_lr": [3e-5, 1e-4], "rms_lamb": [0.0, 2e-3]}
+    assert krause_grid(grid, 20) == (pytest.approx([1.2e-4, 4e-4]), pytest.approx([0.0, 8e-3]))
+    assert krause_grid({**grid, "scale_with_segment": False}, 20) == ([3e-5, 1e-4], [0.0, 2e-3])
 
 
 def test_eval_streams_reads_every_target_once_with_a_theta_per_stream(evaluated: tuple[DictConfig, dict, Path],
@@ -248,3 +295,81 @@ def test_eval_streams_reads_every_target_once_with_a_theta_per_stream(evaluated:
     for m in ("sgd", "rms"):  # adaptation still pays with three independent θ (each reads a third of the text)
         assert test[m]["ppl"] < test["static"]["ppl"]
     assert "3 streams, θ per stream" in (run / "results.md").read_text()
+
+
+def test_paired_bootstrap_equals_a_direct_computation() -> None:
+    """The vectorized bootstrap (draw counts @ per-article sums) against resampling articles one by one with the
+    same draws; a constant per-token shift is a ratio with no spread; identical methods are 1 [1, 1]."""
+    rng = np.random.default_rng(3)
+    a = rng.gamma(2.0, 2.0, size=57)
+    b = a + rng.normal(0.0, 0.5, size=57)
+    articles = [(0, "a"), (10, "b"), (11, "c"), (30, "d"), (45, "e")]  # spans of 9, 1, 19, 15, 13 losses
+    got = report.paired_bootstrap(a, b, articles, resamples=500, seed=7, level=0.9)
+    spans = report.article_spans([o for o, _ in articles], a.size)
+    draws = np.random.default_rng(7).integers(0, len(spans), size=(500, len(spans)))
+    ratios = []
+    for row in draws:
+        pick = [spans[k] for k in row]
+        la = sum(a[s:e].sum() for s, e in pick)
+        lb = sum(b[s:e].sum() for s, e in pick)
+        n = sum(e - s for s, e in pick)
+        ratios.append(math.exp((la - lb) / n))
+    assert got["ratio"] == pytest.approx(math.exp((a.sum() - b.sum()) / a.size), rel=1e-12)
+    assert (got["lo"], got["hi"]) == pytest.approx(tuple(np.percentile(ratios, [5, 95])), rel=1e-12)
+    assert got["lo"] < got["ratio"] < got["hi"] and got["articles"] == 5
+    shift = report.paired_bootstrap(a + 0.1, a, articles, resamples=200)
+    assert shift["lo"] == pytest.approx(math.exp(0.1)) and shift["hi"] == pytest.approx(math.exp(0.1))
+    same = report.paired_bootstrap(a, a, articles, resamples=200)
+    assert (same["ratio"], same["lo"], same["hi"]) == (1.0, 1.0, 1.0)
+
+
+def test_a_half_finished_evaluation_resumes_per_method(evaluated: tuple[DictConfig, dict, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each finished method's losses are kept under eval/; rerunning the same command after a kill recomputes
+    only what is missing (here: rms's test losses), and a changed setting (the segment) recomputes all."""
+    import shutil
+
+    from tests.conftest import compose_config
+
+    _, res1, out = evaluated
+    cfg = compose_config([*OVERRIDES, "eval.splits=[test]"], tmp_path)
+    run = Path(cfg.paths.run_dir)
+    shutil.copytree(out, run)
+    (run / "eval" / "test-rms.npz").unlink()  # as if killed while rms ran
+    (run / "results.json").unlink()
+    computed: list[str] = []
+    real = evaluation._score_method
+
+    def counting(*a: Any, **k: Any) -> evaluation.Scored:
+        computed.append(a[3])
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluation, "_score_method", counting)
+    res = evaluation.run(cfg)
+    assert computed == ["rms"]
+    for m, r in res1["splits"]["test"].items():
+        assert res["splits"]["test"][m]["ppl"] == pytest.approx(r["ppl"], rel=1e-12)
+    assert res["splits"]["test"]["static"]["reused"] and not res["splits"]["test"]["rms"]["reused"]
+    computed.clear()
+    evaluation.run(compose_config([*OVERRIDES, "eval.splits=[test]", "eval.segment=4", "meta.segment=4"], tmp_path))
+    assert sorted(computed) == ["rms", "rms_pt", "sgd", "static"]
+
+
+def test_parallel_workers_give_the_same_results(evaluated: tuple[DictConfig, dict, Path], tmp_path: Path) -> None:
+    """eval.workers=2: the methods run in forked one-thread processes and give the numbers of one process."""
+    import shutil
+
+    from tests.conftest import compose_config
+
+    _, res1, out = evaluated
+    cfg = compose_config([*OVERRIDES, "eval.splits=[test]", "eval.workers=2"], tmp_path)
+    run = Path(cfg.paths.run_dir)
+    run.mkdir(parents=True)
+    for f in ("lm.ckpt", "fisher.pt", "tuned.json"):
+        shutil.copy(out / f, run / f)
+    res = evaluation.run(cfg)
+    for m, r in res1["splits"]["test"].items():
+        assert not res["splits"]["test"][m]["reused"]
+        assert res["splits"]["test"][m]["ppl"] == pytest.approx(r["ppl"], rel=1e-5)
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [f"test-{m}.npz" for m in
+                                                               ("rms", "rms_pt", "sgd", "static")]

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class Recorded:
     def __init__(self, mp: pytest.MonkeyPatch) -> None:
         self.modules: list[LMPretrainModule] = []
         self.train_steps = 0
+        self.tokens = 0  # target tokens of the training steps run
         self.avg_snapshots: list[dict[str, Tensor]] = []  # the iterates NT-ASGD should be averaging
         rec = self
 
@@ -49,6 +51,7 @@ class Recorded:
             def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
                 out = super().training_step(batch, batch_idx)
                 rec.train_steps += 1
+                rec.tokens += batch[1].numel()
                 if self.averaging:
                     rec.avg_snapshots.append(_snapshot(self.model))
                 return out
@@ -112,6 +115,10 @@ def test_reloaded_checkpoint_same_val_loss(smoke_run: tuple[DictConfig, dict, Re
     # state), so it reproduces the val/ppl that picked the checkpoint.
     assert math.exp(own) == pytest.approx(metrics["val_ppl"], rel=1e-4)
     assert hp["vocab_hash"] == corpus.vocab_hash and hp["data_source"] == corpus.source
+    # The budget the LM was trained with travels in lm.ckpt: the tokens read up to the exported checkpoint.
+    best = torch.load(Path(cfg.paths.run_dir) / "checkpoints" / "lm-best.ckpt", map_location="cpu",
+                      weights_only=False)
+    assert 0 < hp["tokens_seen"] == best["tokens_seen"] <= rec.tokens == metrics["tokens_seen"]
 
 
 def test_nt_asgd_triggers_and_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,6 +200,22 @@ def test_resume_continues_from_last_ckpt(tmp_path: Path, monkeypatch: pytest.Mon
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 6 and state["epoch"] == 1
     assert len(second.module.val_history) == 2, "the NT-ASGD history is restored on resume"
+    assert state["tokens_seen"] == first.tokens + second.tokens, "the token count continues across a resume"
+
+
+def test_max_time_is_a_safety_net_that_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorded(monkeypatch)
+    cfg = compose_config([*SMALL_DATA, "lm.trainer.max_epochs=3", '+lm.trainer.max_time="00:00:00:00"'], tmp_path)
+    # The clock stops it after one step, before any validation: a warning naming the budget, then the one-line error.
+    with pytest.warns(UserWarning, match=r"max_time stopped pretraining after 0 of 3 epochs \(\d[\d,]* tokens\)"), \
+            pytest.raises(DynlmError, match="ended without a checkpoint"):
+        lm_mod.run(cfg)
+    assert rec.train_steps <= 1
+    # An epoch budget that is reached says nothing.
+    cfg = compose_config([*SMALL_DATA, "lm.trainer.max_epochs=1", "trainer.limit_train_batches=2"], tmp_path / "b")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*max_time")
+        lm_mod.run(cfg)
 
 
 def test_bad_batch_size_in_process_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -19,14 +19,16 @@ from torch import Tensor, nn
 
 from dynlm_pl.artifacts import load_meta
 from dynlm_pl.data import Corpus
+from dynlm_pl.errors import DynlmError
 from dynlm_pl.fisher import FisherArtifact
 from dynlm_pl.meta.gates import rational_exp
 from dynlm_pl.meta.learner import MetaLearner
-from dynlm_pl.meta.rules import GateRule, RecordingGateRule, RMSRule, Rule
+from dynlm_pl.meta.rules import GateRule, RecordingGateRule, RMSRule, Rule, build_rule
 from dynlm_pl.meta.scoring import adaptive_eval
 from dynlm_pl.meta.unroll import inner_step
-from dynlm_pl.meta.weights import DynamicWeights, select_dynamic
+from dynlm_pl.meta.weights import DynamicWeights, drift_norm, select_dynamic, tensor_group
 from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
+from dynlm_pl.runtime import make_datamodule
 from dynlm_pl.systems.meta import MetaTrainModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -404,9 +406,10 @@ def test_short_meta_training_lowers_validation_adaptive_loss(compose_cfg, tmp_pa
     cfg = compose_cfg(["experiment=smoke", "stage=meta", "gate=krause_init", *SMALL_DATA])
     with pytest.raises(Exception, match="stage=fisher"):
         meta_stage.run(cfg)
-    # ... while gate=paper runs with the Fisher feature switched off.
+    # ... while gate=paper runs with the Fisher feature switched off. Roles: the selection slice is valid[:600]
+    # (baselines tuned, φ selected on its first 500 tokens), meta-training reads valid[600:].
     cfg = compose_cfg(["experiment=smoke", "stage=meta", "gate=paper", "unroll=5", "meta.steps=16", "meta.val_every=8",
-                       "meta.val_tokens=600", "meta.optim.lr=0.02", *SMALL_DATA])
+                       "meta.val_tokens=500", "eval.tune.tokens=600", "meta.optim.lr=0.02", *SMALL_DATA])
     res = meta_stage.run(cfg)
     out = Path(cfg.paths.run_dir)
     assert (out / "meta.ckpt").is_file() and (out / "meta-last.ckpt").is_file()
@@ -416,6 +419,13 @@ def test_short_meta_training_lowers_validation_adaptive_loss(compose_cfg, tmp_pa
     assert math.isfinite(res["val_ppl_static"])
     meta, hp = load_meta(out / "meta.ckpt")
     assert isinstance(meta, MetaLearner) and hp["provenance"]["lm_sha256"]
+    n_valid = make_datamodule(cfg).load().splits["valid"].numel()
+    assert hp["provenance"]["roles"] == {"φ selection": "valid[0:500]", "meta-training": f"valid[600:{n_valid}]"}
+    # A fair paper gate: its UPDATE gate started at the tuned SGD step, so at init it was (nearly: f = σ(10)) the
+    # tuned sgd rule on the selection slice.
+    tuned = json.loads((out / "tuned.json").read_text())["best"]
+    assert hp["gate"]["lr"] == tuned["sgd"]["hparams"]["lr"]
+    assert res["val_ppl_init"] == pytest.approx(res["val_ppl_sgd"], rel=2e-3)
 
 
 @pytest.mark.parametrize("param", ["paper", "krause", "rational"])
@@ -559,3 +569,46 @@ def test_nested_checkpointing_gives_the_same_meta_gradient(stream: tuple[Tensor,
     assert max(float(g.abs().max()) for g in g0) > 1e-6
     for a, b in zip(g0, g1, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_trust_region_applies_in_meta_training_and_selection_when_on(stream: tuple[Tensor, int]) -> None:
+    """eval.max_drift on (the module's max_drift): every inner step of an unroll ends inside the ball — the
+    meta-gradient flows through the projection — and φ's selection loss is adaptive_eval with the same ball."""
+    tokens, vocab = stream
+    module = double_module(vocab, order=1, unroll=6)
+    free = module.adaptive_loss(tokens[:200])
+    radius = 1e-3 * float(module.dyn.theta0.norm())
+    bounded = double_module(vocab, order=1, unroll=6)
+    bounded.hparams.max_drift = 1e-3
+    theta, hidden = bounded.initial_state(1)
+    loss, theta_u, _, _ = bounded.unroll(tokens[None, : 6 * SEG + 1], None, theta, hidden)
+    assert float(drift_norm(theta_u, bounded.dyn.theta0)) <= radius * (1 + 1e-9)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in bounded.meta.parameters()
+               if p.grad is not None)
+    sel = bounded.adaptive_loss(tokens[:200])
+    ref = adaptive_eval(bounded.lm, tokens[:200], bounded.rule, SEG, bounded.dyn, max_drift=1e-3)
+    assert sel == pytest.approx(float(ref.mean()), rel=1e-12) and sel != pytest.approx(free, rel=1e-6)
+
+
+def test_rms_pt_with_equal_groups_is_krause_and_groups_split_by_layer(stream: tuple[Tensor, int]) -> None:
+    """rms_pt with every group at rms's η and λ is Krause's rule; the groups are the embedding, each layer and the
+    biases; a group's own λ changes only its own coordinates' decay."""
+    tokens, vocab = stream
+    model = tiny_lm(vocab).double()
+    dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    groups = sorted(set(dyn.spec.groups))
+    assert groups == ["bias", "encoder", "rnns.0", "rnns.1"]
+    assert tensor_group("blocks.3.attn.c_attn.weight") == "blocks.3" and tensor_group("decoder_bias") == "bias"
+    rms = {"lr": 3e-3, "lamb": 0.02, "eps": 2e-5}
+    pt = {"eps": 2e-5, **{f"lr@{g}": 3e-3 for g in groups}, **{f"lamb@{g}": 0.02 for g in groups}}
+    a = adaptive_eval(model, tokens[:300], build_rule("rms", rms, dyn), SEG, dyn)
+    b = adaptive_eval(model, tokens[:300], build_rule("rms_pt", pt, dyn), SEG, dyn)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    one = build_rule("rms_pt", {**pt, "lamb@bias": 0.0}, dyn)
+    base = build_rule("rms", rms, dyn)
+    is_bias = torch.cat([torch.full((n,), g == "bias") for g, n in zip(dyn.spec.groups, dyn.spec.sizes,
+                                                                      strict=True)])
+    assert bool((one.d[is_bias] == 0).all()) and torch.equal(one.d[~is_bias], base.d[~is_bias])
+    with pytest.raises(DynlmError, match=r"no value for the parameter group\(s\) \['rnns.1'\]"):
+        build_rule("rms_pt", {k: v for k, v in pt.items() if not k.endswith("rnns.1")}, dyn)

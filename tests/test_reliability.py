@@ -447,7 +447,11 @@ def test_non_positive_max_drift(value: float, trained: Path, tmp_path: Path, cap
     ("fisher.estimator=exact", "error: fisher.estimator must be one of empirical, batch_ms, got 'exact'"),
     ("fisher.window=2.5", "error: fisher.window must be a positive integer, got 2.5"),
     ("eval.methods=[static,nope]", "error: eval.methods has unknown ['nope']; choose from static, sgd, rms, "
-                                   "meta_noflush, meta"),
+                                   "rms_pt, meta_noflush, meta"),
+    ("meta.val_tokens=3000", "error: meta.val_tokens=3000 must be at most eval.tune.tokens=2000: φ is selected on the "
+                             "selection slice where the baselines are tuned, and meta-training reads the validation "
+                             "split only past it"),
+    ("eval.tune.refine_step=1", "error: eval.tune.refine_step must be a factor > 1, got 1"),
     ("pipeline=[lm,nope]", "error: unknown stage 'nope'; use one of lm, fisher, meta, evaluate, meta_noflush or all")])
 def test_bad_stage_all_setting(override: str, expected: str, trained: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture) -> None:

@@ -27,8 +27,8 @@ from dynlm_pl.data import UnrollChunks, article_reset_mask, batchify, stream_row
 from dynlm_pl.errors import DynlmError
 from dynlm_pl.meta.learner import build_meta_learner
 from dynlm_pl.meta.rules import GateRule, RMSRule, SGDRule
-from dynlm_pl.meta.scoring import adaptive_eval, drift_norm, score
-from dynlm_pl.meta.weights import DynamicWeights
+from dynlm_pl.meta.scoring import adaptive_eval, score
+from dynlm_pl.meta.weights import DynamicWeights, drift_norm
 from dynlm_pl.models.awd_lstm import AWDLSTM, StreamLinear, detach_hidden, lm_loss
 from dynlm_pl.pipeline import run_stages
 
@@ -164,7 +164,8 @@ def test_streams_must_split_evenly_over_ranks(base_root: Path) -> None:
 
 
 def test_bf16_mixed_lm_fisher_meta_stay_finite(base_root: Path) -> None:
-    common = ["experiment=smoke", "name=bf16", *DATA, *QUIET, "trainer.precision=bf16-mixed", "gate=paper",
+    common = ["experiment=smoke", "name=bf16", *DATA, *QUIET, "eval.tune.tokens=100", "trainer.precision=bf16-mixed",
+              "gate=paper",
               "lm.trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
               "fisher.tokens=600", "fisher.batch_size=4", "fisher.window=10", "fisher.ms_batch_size=10",
               f"unroll={UNROLL}", f"meta.steps={STEPS}", f"meta.val_every={STEPS}", "meta.val_tokens=50"]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynlm_pl.errors import require
 from dynlm_pl.meta.rules import krause_coefficients, krause_rate
 
 Gates = tuple[Tensor, Tensor, Tensor | None]
@@ -57,9 +58,11 @@ class PaperGates:
 
     needs_ms = False
 
-    def __init__(self, lr: float = 1e-3, flush: bool = True, gate_bias: float = 10.0, init_scale: float = 1e-3,
+    def __init__(self, lr: float | None = 1e-3, flush: bool = True, gate_bias: float = 10.0, init_scale: float = 1e-3,
                  **_: Any) -> None:
-        self.lr, self.flush, self.gate_bias, self.init_scale = lr, flush, gate_bias, init_scale
+        require(lr is not None, "gate=paper has no step (gate.lr=null): the meta stage sets it to the tuned sgd "
+                "step; elsewhere set gate.lr")
+        self.lr, self.flush, self.gate_bias, self.init_scale = float(lr), flush, gate_bias, init_scale
 
     def init_output(self, out: nn.Linear) -> None:
         """f = σ(b), z = σ(−b), i = −η, with the weights scaled down: the output starts (almost) constant."""

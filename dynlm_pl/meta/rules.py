@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dynlm_pl.errors import require
-from dynlm_pl.meta.weights import DynamicSpec, DynamicWeights
+from dynlm_pl.meta.weights import DynamicSpec, DynamicWeights, trust_region, trust_region_
 
 
 def gated_update(theta: Tensor, grad: Tensor, theta0: Tensor, f: Tensor, i: Tensor, z: Tensor | None) -> Tensor:
@@ -67,15 +67,19 @@ def krause_rate(ms: Tensor, spec: DynamicSpec) -> tuple[Tensor, Tensor]:
     return rms, (rms / gmean if gmean > 0 else torch.zeros_like(rms))
 
 
-def krause_coefficients(ms: Tensor, spec: DynamicSpec, lr: float, lamb: float,
+def krause_coefficients(ms: Tensor, spec: DynamicSpec, lr: float | Tensor, lamb: float | Tensor,
                         eps: float) -> tuple[Tensor, Tensor]:
     """Krause et al. 2017 (dynamiceval.py), per coordinate [P]: step a = −η/(RMS+ε) and decay d.
 
     RMS = sqrt(MS); his decay rate is RMS / (mean over tensors of mean(RMS)), clipped at 1/λ so that
     d = λ·rate ≤ 1 (a decay never overshoots θ_0). Means are per tensor, then over the tensors.
+    η and λ are numbers (his rule) or [P] vectors (rms_pt: one value per group of tensors).
     """
     rms, rate = krause_rate(ms, spec)
-    d = (lamb * rate.clamp(max=1.0 / lamb)) if lamb > 0 else torch.zeros_like(rms)
+    if isinstance(lamb, Tensor):
+        d = (lamb * rate).clamp(max=1.0)  # = λ·min(rate, 1/λ), and 0 where λ = 0
+    else:
+        d = (lamb * rate.clamp(max=1.0 / lamb)) if lamb > 0 else torch.zeros_like(rms)
     return -lr / (rms + eps), d
 
 
@@ -86,7 +90,7 @@ class RMSRule(Rule):
     passes over P floats (addcmul into θ, then addcmul of the gradient) instead of five ops.
     """
 
-    def __init__(self, dyn: DynamicWeights, lr: float, lamb: float, eps: float) -> None:
+    def __init__(self, dyn: DynamicWeights, lr: float | Tensor, lamb: float | Tensor, eps: float) -> None:
         require(dyn.ms is not None, "the rms rule needs gradient statistics (ms) from fisher.pt; "
                 "run `python train.py stage=fisher` first")
         self.a, self.d = krause_coefficients(dyn.ms, dyn.spec, lr, lamb, eps)
@@ -99,6 +103,28 @@ class RMSRule(Rule):
     def update_(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
         torch.addcmul(self.pull, theta, self.keep, out=theta)  # elementwise: out may alias an input
         return theta.addcmul_(self.a, grad)
+
+
+class TrustRegion(Rule):
+    """`rule`, then θ_t − θ_0 scaled back onto the ball of radius max_drift·‖θ_0‖ when it leaves it (per stream):
+    eval.max_drift. Off by default (no hand-designed rule has it); when on, meta-training backpropagates through the
+    projection and tuning, selection and evaluation apply it in place (`adaptive_eval`), the same map."""
+
+    def __init__(self, rule: Rule, dyn: DynamicWeights, max_drift: float) -> None:
+        self.rule, self.theta0 = rule, dyn.theta0
+        self.radius = float(max_drift) * float(dyn.theta0.norm())
+
+    def update(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
+        return trust_region(self.rule.update(theta, grad, loss), self.theta0, self.radius)
+
+    def update_(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
+        self.rule.update_(theta, grad, loss)
+        trust_region_(theta, self.theta0, self.radius)
+        return theta
+
+
+def with_trust_region(rule: Rule, dyn: DynamicWeights, max_drift: float | None) -> Rule:
+    return rule if max_drift is None else TrustRegion(rule, dyn, max_drift)
 
 
 class GateRule(Rule):
@@ -173,12 +199,21 @@ class RecordingGateRule(GateRule):
         return theta
 
 
+def group_values(hparams: dict[str, Any], key: str) -> dict[str, float]:
+    """{group: value} of rms_pt's per-group hyperparameters `<key>@<group>` (e.g. `lr@rnns.0`)."""
+    return {k.split("@", 1)[1]: float(v) for k, v in hparams.items() if k.startswith(key + "@")}
+
+
 def build_rule(method: str, hparams: dict[str, Any], dyn: DynamicWeights) -> Rule:
-    """A hand-designed rule from its hyperparameters (as tuned.json stores them): static, sgd {lr} or
-    rms {lr, lamb, eps}."""
+    """A hand-designed rule from its hyperparameters (as tuned.json stores them): static, sgd {lr},
+    rms {lr, lamb, eps} or rms_pt {eps, lr@<group>, lamb@<group> for each `tensor_group`}."""
     if method == "static":
         return StaticRule()
     if method == "sgd":
         return SGDRule(float(hparams["lr"]))
-    require(method == "rms", f"no hand-designed rule {method!r}; use static, sgd or rms")
+    if method == "rms_pt":
+        ref = dyn.theta0 if dyn.ms is None else dyn.ms
+        return RMSRule(dyn, dyn.spec.per_group(group_values(hparams, "lr"), ref),
+                       dyn.spec.per_group(group_values(hparams, "lamb"), ref), float(hparams["eps"]))
+    require(method == "rms", f"no hand-designed rule {method!r}; use static, sgd, rms or rms_pt")
     return RMSRule(dyn, float(hparams["lr"]), float(hparams["lamb"]), float(hparams["eps"]))

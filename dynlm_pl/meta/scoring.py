@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from dynlm_pl.data import StreamWindows, batchify, segments, stream_rows
 from dynlm_pl.meta.rules import Rule
-from dynlm_pl.meta.weights import DynamicSpec, DynamicWeights
+from dynlm_pl.meta.weights import DynamicSpec, DynamicWeights, trust_region_
 from dynlm_pl.models import Backbone, lm_loss
 
 
@@ -75,34 +75,8 @@ def _score(model: Backbone, spec: DynamicSpec, theta: Tensor, x: Tensor, y: Tens
     return token_losses(out.logits, y), out.hidden
 
 
-def drift_norm(theta: Tensor, theta0: Tensor, block: int = 1 << 18) -> Tensor:
-    """‖θ − θ_0‖ per stream, float64: [B] for θ [B, P], a scalar for θ [P].
-
-    Why blocks: `(θ − θ_0).norm(dim=-1)` writes a θ-sized difference (350 MB at B = 8 on model=small), page-faulted
-    in anew every segment; a block of `block` floats over all rows stays in cache, so this is one read of θ.
-    """
-    rows = theta.detach().reshape(-1, theta.size(-1))  # [B, P]
-    step = max(1024, block // rows.size(0))
-    acc = torch.zeros(rows.size(0), dtype=torch.float64, device=theta.device)
-    for s in range(0, rows.size(1), step):
-        acc += (rows[:, s : s + step] - theta0[s : s + step]).square_().sum(-1).double()
-    return acc.sqrt().reshape(theta.shape[:-1])
-
-
-def trust_region_(theta: Tensor, theta0: Tensor, radius: float | None) -> Tensor:
-    """‖θ − θ_0‖ per stream after pulling the streams outside the ball of `radius` (None: no ball) back onto it:
-    θ ← θ_0 + (θ − θ_0)·radius/‖θ − θ_0‖, in place, row by row (no θ-sized temporary)."""
-    norm = drift_norm(theta, theta0)  # [B] or []
-    if radius is not None and bool((norm > radius).any()):
-        for row, n_b in zip(theta.view(-1, theta.size(-1)), norm.reshape(-1).tolist(), strict=True):
-            if n_b > radius:
-                row.sub_(theta0).mul_(radius / n_b).add_(theta0)
-        norm = norm.clamp(max=radius)
-    return norm
-
-
 def adaptive_eval(model: Backbone, tokens: Tensor, rule: Rule, segment: int = 5, dyn: DynamicWeights | None = None,
-                  batch_size: int = 1, reset_at: Sequence[int] = (), progress: bool = False,
+                  batch_size: int = 1, reset_at: Sequence[int] = (), progress: bool | str = False,
                   on_segment: Callable[[int, Tensor], None] | None = None, shared: bool = False,
                   max_drift: float | None = None, drift: list[float] | None = None) -> Tensor:
     """Dynamic evaluation: per-token losses [B, n] of the targets 1..B·n in stream order (`stream_rows`).
@@ -133,7 +107,8 @@ def adaptive_eval(model: Backbone, tokens: Tensor, rule: Rule, segment: int = 5,
     resets = sorted(set(reset_at))
     r = 0
     radius = None if max_drift is None else float(max_drift) * float(dyn.theta0.norm())
-    for start, t in tqdm(segments(n, segment), disable=not progress, desc="adaptive", leave=False):
+    bar = progress if isinstance(progress, str) else "adaptive"  # a string: the bar's label (method and split)
+    for start, t in tqdm(segments(n, segment), disable=not progress, desc=bar, leave=False, mininterval=2.0):
         while r < len(resets) and resets[r] < start + t:  # an article starts in this segment
             if resets[r] > 0:
                 with torch.no_grad():
@@ -175,14 +150,15 @@ def static_eval(model: Backbone, tokens: Tensor, batch_size: int = 1, bptt: int 
 
 
 @torch.no_grad()
-def static_losses(model: Backbone, tokens: Tensor, bptt: int = 70, progress: bool = False,
+def static_losses(model: Backbone, tokens: Tensor, bptt: int = 70, progress: bool | str = False,
                   streams: int = 1) -> Tensor:
     """Per-token losses of the static LM over `tokens` read as `streams` rows (`stream_rows`), flat in
     stream order: [N-1] for one stream, the same targets as `adaptive_eval` for B."""
     model.eval()
     rows = stream_rows(tokens, streams)
     hidden, out = model.init_hidden(streams), []
-    for x, y in tqdm(StreamWindows(rows, bptt), disable=not progress, desc="static", leave=False):
+    bar = progress if isinstance(progress, str) else "static"
+    for x, y in tqdm(StreamWindows(rows, bptt), disable=not progress, desc=bar, leave=False):
         o = model(x, hidden)
         hidden = model.detach_state(o.hidden)
         out.append(lm_loss(o.logits, y, reduction="none").view(streams, -1))
@@ -191,7 +167,7 @@ def static_losses(model: Backbone, tokens: Tensor, bptt: int = 70, progress: boo
 
 def method_losses(lm: Backbone, tokens: Tensor, rule: Rule, segment: int, dyn: DynamicWeights, streams: int = 1,
                   shared: bool = False, max_drift: float | None = None,
-                  progress: bool = False) -> tuple[Tensor, list[float]]:
+                  progress: bool | str = False) -> tuple[Tensor, list[float]]:
     """What `evaluate` runs for one adaptive method: per-token losses [B·n] in stream order, and ‖θ_t − θ_0‖
     after every update (the largest over streams when each keeps its own θ): adaptation must stay bounded."""
     drift: list[float] = []

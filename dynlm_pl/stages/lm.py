@@ -44,18 +44,32 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise DynlmError("pretraining was interrupted; rerun with resume=true to continue from last.ckpt")
     if not trainer.is_global_zero:  # under strategy=ddp / torchrun every rank runs this; rank 0 writes
         return {}
+    warn_if_cut_short(trainer, module.tokens_seen)
     best = ckpt.best_model_path or ckpt.last_model_path
     require(bool(best), "pretraining ended without a checkpoint (no validation ran); "
             "check lm.trainer.limit_val_batches / val_check_interval")
     export(best, out / "lm.ckpt", corpus.vocab)
     score = best_model_score(ckpt)  # ddp_spawn sends only the best path back to this process
-    metrics = {"val_ppl": float(score) if score is not None else math.nan, "seconds": time.time() - t0}
-    print(f"[lm] best val ppl {metrics['val_ppl']:.2f}; wrote {out / 'lm.ckpt'} in {metrics['seconds']:.0f}s")
+    metrics = {"val_ppl": float(score) if score is not None else math.nan, "seconds": time.time() - t0,
+               "tokens_seen": float(module.tokens_seen)}
+    print(f"[lm] best val ppl {metrics['val_ppl']:.2f} after {module.tokens_seen:,} training tokens "
+          f"({trainer.current_epoch} epochs); wrote {out / 'lm.ckpt'} in {metrics['seconds']:.0f}s")
     return metrics
+
+
+def warn_if_cut_short(trainer: L.Trainer, tokens_seen: int) -> None:
+    """The budget is lm.trainer.max_epochs / max_steps; max_time is a safety net, and says so when it binds, since
+    an LM cut by the clock depends on what else the machine was doing."""
+    epochs_left = trainer.max_epochs is not None and 0 <= trainer.current_epoch < trainer.max_epochs
+    steps_left = trainer.max_steps is None or trainer.max_steps < 0 or trainer.global_step < trainer.max_steps
+    if trainer.should_stop and epochs_left and steps_left:
+        warnings.warn(f"lm.trainer.max_time stopped pretraining after {trainer.current_epoch} of "
+                      f"{trainer.max_epochs} epochs ({tokens_seen:,} tokens): the LM depends on the machine's load; "
+                      "raise max_time or lower max_epochs for a budget that does not", stacklevel=2)
 
 
 def export(best: str, path: Path, vocab: list[str]) -> None:
     """θ* of the best Lightning checkpoint (the NT-ASGD average once it has begun) as a plain lm.ckpt."""
     module = LMPretrainModule.load_from_checkpoint(best, map_location="cpu")
-    hp = dict(module.hparams)
+    hp = dict(module.hparams, tokens_seen=module.tokens_seen)
     artifacts.save_lm(path, module.eval_model(), hp.pop("model"), vocab, hp)

@@ -68,10 +68,13 @@ def baselines(lm: Backbone, dyn: DynamicWeights, tokens: Tensor, cfg: DictConfig
     """Validation-slice loss of static, SGD and (with ms) Krause's RMS rule: what φ must beat. The tuned
     hyperparameters (tuned.json) when there are, else meta.baseline's."""
     b = cfg.meta.baseline
-    hps = {"static": {}, "sgd": tuned["sgd"]["hparams"] if tuned else {"lr": b.sgd_lr},
-           "rms": tuned["rms"]["hparams"] if tuned else {"lr": b.rms_lr, "lamb": b.rms_lamb, "eps": b.rms_eps}}
+    tuned = tuned or {}
+    hps = {"static": {}, "sgd": tuned["sgd"]["hparams"] if "sgd" in tuned else {"lr": b.sgd_lr},
+           "rms": tuned["rms"]["hparams"] if "rms" in tuned else {"lr": b.rms_lr, "lamb": b.rms_lamb,
+                                                                   "eps": b.rms_eps}}
     methods = ["static", "sgd"] + (["rms"] if dyn.ms is not None else [])
-    return {k: float(adaptive_eval(lm, tokens, build_rule(k, hps[k], dyn), int(cfg.meta.segment), dyn).mean())
+    return {k: float(adaptive_eval(lm, tokens, build_rule(k, hps[k], dyn), int(cfg.meta.segment), dyn,
+                                   max_drift=cfg.eval.get("max_drift")).mean())
             for k in methods}
 
 
@@ -102,29 +105,59 @@ def _module(cfg: DictConfig, out: Path, lm: Backbone, dm: WikiText2DataModule, l
     m = cfg.meta
     gate = gate_config(cfg, art is not None)
     dm.use(MetaCut(str(m.get("data", "train")), int(cfg.unroll), int(m.segment), int(m.streams),
-                   int(m.val_tokens) if m.val_tokens else None, bool(m.reset_at_articles)))
-    tuned = None
-    if gate.get("param") in KRAUSE_FORMS and m.get("init_from_tuned", True):
-        valid = dm.load().splits["valid"]
-        tuned = tuned_baselines(cfg, out, lm, valid, DynamicWeights.build(lm, fisher_art=art), lm_sha, ["sgd", "rms"])
-        start_from_tuned(gate, tuned)
+                   int(m.val_tokens or cfg.eval.tune.tokens), bool(m.reset_at_articles), int(cfg.eval.tune.tokens)))
     dyn = DynamicWeights.build(lm, list(m.dynamic.include), list(m.dynamic.exclude), art)
+    corpus = dm.load()
+    prov = {"lm_sha256": lm_sha, "fisher_sha256": file_sha256(out / "fisher.pt") if art else None,
+            "data_source": corpus.source, "vocab_hash": corpus.vocab_hash,
+            "dynamic": OmegaConf.to_container(m.dynamic, resolve=True), "roles": dm.roles()}
+    _refuse_incompatible_resume(cfg, out, dyn, prov)  # before tuning can rewrite tuned.json
+    tuned = _start_gate(cfg, out, lm, lm_sha, art, gate, corpus.splits["valid"])
     group = group_size(m.get("checkpoint_group", 0), int(cfg.unroll))
     print(f"[meta] {len(dyn.spec.names)} dynamic tensors, {dyn.spec.numel:,} coordinates; gate={gate['param']}, "
           f"unroll={cfg.unroll}, segment={m.segment}, streams={m.streams}, order={m.order}, "
           f"checkpointing={m.checkpointing} (group {group}), fisher.pt={'yes' if art is not None else 'no'}")
-    corpus = dm.load()
     module = MetaTrainModule(
         lm, dyn, gate, segment=int(m.segment), unroll=int(cfg.unroll), order=int(m.order),
         checkpointing=bool(m.checkpointing), checkpoint_group=group, reset_every=int(m.reset_every),
         ewc_lambda=float(m.ewc_lambda), lr=float(m.optim.lr), weight_decay=float(m.optim.weight_decay),
-        clip=float(m.optim.clip), streams=int(m.streams),
-        provenance={"lm_sha256": lm_sha, "fisher_sha256": file_sha256(out / "fisher.pt") if art else None,
-                    "data_source": corpus.source, "vocab_hash": corpus.vocab_hash,
-                    "dynamic": OmegaConf.to_container(m.dynamic, resolve=True)})
+        clip=float(m.optim.clip), streams=int(m.streams), provenance=prov, max_drift=cfg.eval.get("max_drift"))
     # The compiled update (MetaLearner.fused_update / fused_apply_): in training and in validation
     module.meta.fused = bool(m.get("fused_gate", False))
     return module, tuned
+
+
+def _start_gate(cfg: DictConfig, out: Path, lm: Backbone, lm_sha: str, art: FisherArtifact | None,
+                gate: dict[str, Any], valid: Tensor) -> dict[str, Any] | None:
+    """Set the gate's starting rule from the tuned baselines (tuned.json, tuned now if needed): the better of sgd and
+    rms for the residual gates, the sgd step for gate=paper without gate.lr. Returns the tuning (None if unused)."""
+    if gate.get("param") in KRAUSE_FORMS and cfg.meta.get("init_from_tuned", True):
+        tuned = tuned_baselines(cfg, out, lm, valid, DynamicWeights.build(lm, fisher_art=art), lm_sha, ["sgd", "rms"])
+        start_from_tuned(gate, tuned)
+        return tuned
+    if gate.get("param") == "paper" and gate.get("lr") is None:
+        # A fair paper gate: its UPDATE gate starts at the tuned SGD step, so at init it IS the tuned sgd rule
+        # (f ≈ 1, z ≈ 0); a step the user sets (gate.lr=...) is kept.
+        tuned = tuned_baselines(cfg, out, lm, valid, DynamicWeights.build(lm, fisher_art=art), lm_sha, ["sgd"])
+        gate["lr"] = float(tuned["sgd"]["hparams"]["lr"])
+        print(f"[meta] gate=paper starts at the tuned sgd step lr={gate['lr']:.4g} (set gate.lr to choose another)")
+        return tuned
+    return None
+
+
+def _refuse_incompatible_resume(cfg: DictConfig, out: Path, dyn: DynamicWeights, prov: dict[str, Any]) -> None:
+    """resume=true with a last.ckpt made under other settings stops here, before anything is written (the module
+    checks again, the gate included, when Lightning loads the checkpoint)."""
+    name = "meta" if cfg.gate.get("flush", True) else "meta_noflush"
+    last = out / "checkpoints" / name / "last.ckpt"
+    if not (cfg.get("resume") and last.is_file()):
+        return
+    check_resumable(last)
+    ck = torch.load(last, map_location="cpu", weights_only=False)
+    new = MetaTrainModule.resume_key({"segment": int(cfg.meta.segment), "unroll": int(cfg.unroll),
+                                      "provenance": prov}, list(dyn.spec.names), int(cfg.meta.streams))
+    new.pop("gate")
+    MetaTrainModule.require_resumable(ck, new)
 
 
 def _fit(cfg: DictConfig, module: MetaTrainModule, dm: WikiText2DataModule,

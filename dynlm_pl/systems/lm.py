@@ -44,6 +44,8 @@ class LMPretrainModule(L.LightningModule):
         # Resume state: windows trained on in this epoch, and the RNG state (dropout masks) to continue from.
         self._epoch_batches = 0
         self._pending: dict[str, Any] | None = None  # RNG state from on_load_checkpoint, applied at the next step
+        # Training tokens read so far, over all ranks: the pretraining budget a result is quoted with (lm.ckpt).
+        self.tokens_seen = 0
 
     # -- the model other stages use ------------------------------------------------------------------
     @property
@@ -92,6 +94,7 @@ class LMPretrainModule(L.LightningModule):
         self.train_loss.update(ce.detach(), weight=y.numel())
         self.log("train/loss", ce.detach(), prog_bar=True)
         self._epoch_batches += 1
+        self.tokens_seen += y.numel() * self.trainer.world_size
         return loss.detach()
 
     def on_train_epoch_end(self) -> None:
@@ -149,6 +152,7 @@ class LMPretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["val_history"] = list(self.val_history)
+        checkpoint["tokens_seen"] = self.tokens_seen
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None:  # the vocabulary travels with the weights: evaluate.py reads any text with it
             checkpoint["vocab"] = dm.load().vocab
@@ -163,6 +167,7 @@ class LMPretrainModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_history = list(checkpoint.get("val_history", []))
         self.vocab: list[str] | None = checkpoint.get("vocab")
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         if self._trainer is None:  # load_from_checkpoint (load_lm): weights only
             return
         # resume=true: refuse a checkpoint made for other data or another model before its tensors are loaded

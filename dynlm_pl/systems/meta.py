@@ -20,7 +20,7 @@ from torch import Tensor
 
 from dynlm_pl.errors import require
 from dynlm_pl.meta.learner import build_meta_learner
-from dynlm_pl.meta.rules import GateRule
+from dynlm_pl.meta.rules import GateRule, with_trust_region
 from dynlm_pl.meta.scoring import adaptive_eval
 from dynlm_pl.meta.unroll import Unroller
 from dynlm_pl.meta.weights import DynamicWeights, freeze
@@ -34,7 +34,8 @@ class MetaTrainModule(L.LightningModule):
     def __init__(self, lm: Backbone, dyn: DynamicWeights, gate: dict[str, Any], segment: int = 5,
                  unroll: int = 40, order: int = 1, checkpointing: bool = True, checkpoint_group: int = 0,
                  reset_every: int = 0, ewc_lambda: float = 0.0, lr: float = 1e-3, weight_decay: float = 0.0,
-                 clip: float = 1.0, streams: int = 1, provenance: dict[str, Any] | None = None) -> None:
+                 clip: float = 1.0, streams: int = 1, provenance: dict[str, Any] | None = None,
+                 max_drift: float | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["lm", "dyn"])
         self.automatic_optimization = False
@@ -54,9 +55,11 @@ class MetaTrainModule(L.LightningModule):
         self._pending: dict[str, Any] | None = None
 
     def unroller(self) -> Unroller:
-        """The inner loop over the current rule (built per call: tests and benches swap `rule`)."""
+        """The inner loop over the current rule (built per call: tests and benches swap `rule`), inside the trust
+        region of eval.max_drift when it is on (the same map as in tuning and evaluation)."""
         hp = self.hparams
-        return Unroller(self.lm, self.rule, self.dyn, list(self.meta.parameters()), hp.segment, hp.unroll, hp.order,
+        rule = with_trust_region(self.rule, self.dyn, hp.get("max_drift"))
+        return Unroller(self.lm, rule, self.dyn, list(self.meta.parameters()), hp.segment, hp.unroll, hp.order,
                         hp.checkpointing, hp.get("checkpoint_group", 0), hp.ewc_lambda)
 
     # -- the inner loop ----------------------------------------------------------------------------
@@ -139,7 +142,8 @@ class MetaTrainModule(L.LightningModule):
     def adaptive_loss(self, tokens: Tensor) -> float:
         """Mean token loss of adaptive evaluation (batch 1, score then update) over `tokens` [N]."""
         with torch.no_grad():
-            losses = adaptive_eval(self.lm, tokens, self.rule, self.hparams.segment, self.dyn)
+            losses = adaptive_eval(self.lm, tokens, self.rule, self.hparams.segment, self.dyn,
+                                   max_drift=self.hparams.get("max_drift"))
         return float(losses.mean())
 
     # -- optimizer and checkpoint content -------------------------------------------------------------
@@ -165,25 +169,30 @@ class MetaTrainModule(L.LightningModule):
         "fisher_sha256": "fisher.pt", "vocab_hash": "vocabulary", "data_source": "data", "segment": "meta.segment",
         "unroll": "unroll", "streams": "meta.streams"}
 
-    def _resume_key(self, checkpoint: dict[str, Any] | None) -> dict[str, Any]:
-        if checkpoint is None:  # this run's own values
-            hp, names = dict(self.hparams), list(self.dyn.spec.names)
-            streams = hp.get("streams", 1)
-        else:
-            hp, names = dict(checkpoint.get("hyper_parameters", {})), list(checkpoint.get("dynamic_names", []))
-            streams = (checkpoint.get("resume_state") or {}).get("streams", self.hparams.get("streams", 1))
+    @staticmethod
+    def resume_key(hp: dict[str, Any], names: list[str], streams: int) -> dict[str, Any]:
+        """The values of RESUME_MUST_MATCH from a module's hyperparameters and dynamic tensor names."""
         prov = hp.get("provenance") or {}
-        return {"dynamic_names": names, "gate": hp.get("gate"), "segment": hp.get("segment"),
+        return {"dynamic_names": list(names), "gate": hp.get("gate"), "segment": hp.get("segment"),
                 "unroll": hp.get("unroll"), "streams": streams,
                 **{k: prov.get(k) for k in ("lm_sha256", "fisher_sha256", "vocab_hash", "data_source")}}
+
+    @classmethod
+    def require_resumable(cls, checkpoint: dict[str, Any], new: dict[str, Any]) -> None:
+        """Refuse `checkpoint` if it differs from `new` (a `resume_key`) in a setting of RESUME_MUST_MATCH; keys
+        absent from `new` are not compared (the stage checks before the gate is known, before tuning)."""
+        streams = (checkpoint.get("resume_state") or {}).get("streams", new.get("streams", 1))
+        old = cls.resume_key(dict(checkpoint.get("hyper_parameters", {})), checkpoint.get("dynamic_names", []),
+                             streams)
+        diff = [cls.RESUME_MUST_MATCH[k] for k in cls.RESUME_MUST_MATCH if k in new and old[k] != new[k]]
+        require(not diff, f"cannot resume: the meta-training checkpoint (last.ckpt) was made with different "
+                f"{', '.join(diff)}; use the settings it was made with, or rerun without resume=true to start over")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # resume=true: refuse a checkpoint whose φ or θ belongs to another LM, data or parameter layout before
         # Lightning loads its tensors (a shape mismatch would be a traceback, equal shapes a silent error).
-        old, new = self._resume_key(checkpoint), self._resume_key(None)
-        diff = [self.RESUME_MUST_MATCH[k] for k in self.RESUME_MUST_MATCH if old[k] != new[k]]
-        require(not diff, f"cannot resume: the meta-training checkpoint (last.ckpt) was made with different "
-                f"{', '.join(diff)}; use the settings it was made with, or rerun without resume=true to start over")
+        self.require_resumable(checkpoint, self.resume_key(dict(self.hparams), list(self.dyn.spec.names),
+                                                           self.hparams.get("streams", 1)))
         self.n_unrolls = int(checkpoint.get("n_unrolls", 0))
         st = checkpoint.get("resume_state")
         if not st:  # a checkpoint without resume state: φ and Adam only
