@@ -41,18 +41,20 @@ def keep_freed_memory() -> bool:
 
 
 def main_guard(fn: Callable[[], Any]) -> Any:
-    """Turn a DynlmError into one line on stderr and exit status 2 (and tune the allocator: `keep_freed_memory`)."""
+    """Turn a DynlmError into one line on stderr and exit status 2 (143 for a run stopped by a signal, `Stopped`),
+    and tune the allocator (`keep_freed_memory`)."""
     keep_freed_memory()
     try:
         return fn()
     except DynlmError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        print(f"{e.label}: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 # Errors a user makes on the command line or with the file system, which Hydra itself reports over several lines
 # (exit status 1) before or around our code: shortened to one line, exit status 2, like DynlmError.
-_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC, errno.EDQUOT,
+                   errno.EFBIG}
 
 
 def _one_line(e: BaseException) -> str:

@@ -8,6 +8,8 @@ and the model carries its hidden state from one window to the next.
 
 from __future__ import annotations
 
+import array
+import codecs
 import hashlib
 import io
 import math
@@ -26,6 +28,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
 
 from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.files import atomic_write, atomic_write_bytes, atomic_write_text
@@ -105,17 +108,61 @@ def build_corpus(split_lines: dict[str, list[str]], source: str) -> Corpus:
     return Corpus(list(vocab), splits, articles, source)
 
 
-def read_lines(path: Path) -> list[str]:
+def iter_lines(path: Path, progress: bool = False) -> Iterator[str]:
+    """The lines of a UTF-8 text file without their newline, streamed (memory: one line at a time), as
+    `text.split("\n")` would give them (no last empty line after a final newline); a byte-order mark is dropped.
+    Refuses a missing, empty, binary (NUL bytes) or non-UTF-8 file with one line; `progress`: a bar over bytes."""
     require(path.is_file(), f"data file {path} does not exist; check data.root or DYNLM_DATA")
-    raw = path.read_bytes()
-    require(len(raw.strip()) > 0, f"data file {path} is empty; re-download it (delete it and rerun)")
-    require(b"\x00" not in raw, f"data file {path} is binary, not text; point data.root at the text files")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DynlmError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                         "re-download it or convert it to UTF-8") from None
-    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+    seen_text, offset = False, 0
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, leave=False,
+                                     disable=not progress, desc=f"read {path.name}", mininterval=1.0) as bar:
+        for k, raw in enumerate(f):  # split on b"\n" only: "\r\n" keeps its "\r", whitespace to str.split()
+            bar.update(len(raw))
+            start = 3 if k == 0 and raw.startswith(codecs.BOM_UTF8) else 0
+            require(b"\x00" not in raw, f"data file {path} is binary, not text; point data.root at the text files")
+            try:
+                line = raw[start:].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DynlmError(f"data file {path} is not UTF-8 text ({e.reason} at byte {offset + start + e.start}); "
+                                 "re-download it or convert it to UTF-8") from None
+            offset += len(raw)
+            seen_text = seen_text or bool(line.strip())
+            yield line[:-1] if line.endswith("\n") else line
+    require(seen_text, f"data file {path} is empty; re-download it (delete it and rerun)")
+
+
+def read_lines(path: Path) -> list[str]:
+    """`iter_lines` as a list (the WikiText-2 splits: a few MB each)."""
+    return list(iter_lines(path))
+
+
+def encode_file(path: Path, corpus: Corpus, progress: bool = True) -> tuple[Tensor, list[tuple[int, str]]]:
+    """A text file as token ids with `corpus`'s vocabulary (unseen words -> <unk>, which must exist) and its article
+    starts (`article_index`), in one streaming pass: memory is the ids (8 bytes a token), not the text."""
+    unk = corpus.stoi.get(UNK)
+    ids: array.array = array.array("q")
+    articles, offset = [], 0
+    window: list[str] = []  # the last 3 lines: a title is decided once the line after it is known
+
+    def title(prev: str | None, line: str, nxt: str | None) -> str | None:
+        m = _HEADING.match(line.rstrip("\r"))
+        blank = lambda x: x is None or not x.strip()
+        return m.group(1).strip() if m and blank(prev) and blank(nxt) else None
+
+    for line in iter_lines(path, progress):
+        words = line.split()
+        window = [*window[-2:], line]
+        if len(window) >= 2 and (t := title(window[-3] if len(window) == 3 else None, window[-2], line)):
+            articles.append((offset - len(window[-2].split()) - 1, t))
+        for w in [*words, EOS]:
+            i = corpus.stoi.get(w, unk)
+            require(i is not None, f"word {w!r} is not in the vocabulary and it has no {UNK}")
+            ids.append(i)
+        offset += len(words) + 1
+    if window and (t := title(window[-2] if len(window) >= 2 else None, window[-1], None)):
+        articles.append((offset - len(window[-1].split()) - 1, t))
+    # the tensor shares the array's memory (no copy); the array is not resized after this
+    return (torch.frombuffer(ids, dtype=torch.long) if ids else torch.empty(0, dtype=torch.long)), articles
 
 
 # ----------------------------------------------------------------------------------------------------

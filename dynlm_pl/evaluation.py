@@ -44,7 +44,7 @@ from torch import Tensor
 
 from dynlm_pl import artifacts, report
 from dynlm_pl.config import check_config
-from dynlm_pl.data import UNK, Corpus, article_index, read_lines
+from dynlm_pl.data import UNK, Corpus, encode_file
 from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.files import atomic_write_bytes, atomic_write_text, file_sha256
 from dynlm_pl.fisher import FisherArtifact
@@ -52,7 +52,7 @@ from dynlm_pl.meta.rules import RecordingGateRule, Rule, build_rule
 from dynlm_pl.meta.scoring import method_losses, static_losses
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import Backbone
-from dynlm_pl.runtime import make_datamodule, run_dir, tuned_baselines
+from dynlm_pl.runtime import make_datamodule, run_dir, run_lock, tuned_baselines
 
 # The methods every other method's perplexity is compared with: ratio and paired-bootstrap interval (results.json).
 BASELINES = ("static", "sgd", "rms", "rms_pt")
@@ -77,15 +77,15 @@ def _meta_rule(path: Path, lm: Backbone, lm_sha: str,
 def _textfile(cfg: DictConfig, vocab: list[str]) -> tuple[dict[str, Tensor], dict[str, list], Corpus]:
     """A user's text file read with the LM's vocabulary (unknown words -> <unk>), as split `text`."""
     path = Path(str(cfg.data.path))
-    lines = read_lines(path)
+    require(path.is_file(), f"data file {path} does not exist; check data.path")
     corpus = Corpus(vocab, {}, {}, "textfile:" + file_sha256(path))
     require(UNK in corpus.stoi, f"the LM's vocabulary has no {UNK}: it cannot read unseen words in {path}")
-    tokens = corpus.encode_lines(lines)
+    tokens, articles = encode_file(path, corpus)
     require(tokens.numel() >= 2, f"{path} has fewer than 2 tokens; give it some text")
     unk = float((tokens == corpus.stoi[UNK]).float().mean())
     if unk > 0.5:
         print(f"[evaluate] warning: {100 * unk:.0f}% of the tokens of {path} are unknown to the LM ({UNK})")
-    return {"text": tokens}, {"text": article_index(lines)}, corpus
+    return {"text": tokens}, {"text": articles}, corpus
 
 
 @dataclass
@@ -328,8 +328,13 @@ def _evaluate_split(cfg: DictConfig, out: Path, lm: Backbone, ms: Methods, split
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """`python evaluate.py`: every method of eval.methods over eval.splits -> results.json, results.md and the
-    per-split files in the run directory."""
-    out = run_dir(check_config(cfg))
+    per-split files in the run directory (holding its lock: one writer per run directory)."""
+    with run_lock(check_config(cfg), "evaluate"):
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
+    out = run_dir(cfg)
     e = cfg.eval
     lm_path = out / "lm.ckpt"
     lm, prov = artifacts.load_lm(lm_path)
@@ -382,7 +387,9 @@ def _roles(cfg: DictConfig, out: Path, ms: Methods, valid: Tensor | None) -> dic
 def _write_split(out: Path, plots: Path, split: str, tokens: Tensor, vocab: list[str],
                  articles: list[tuple[int, str]], losses: dict[str, np.ndarray], rows: dict[str, list[dict]],
                  gates: Tensor | None, dyn: DynamicWeights | None, html_articles: int, window: int) -> None:
-    np.savez_compressed(out / f"losses-{split}.npz", **{m: v.astype(np.float32) for m, v in losses.items()})
+    buf32 = io.BytesIO()
+    np.savez_compressed(buf32, **{m: v.astype(np.float32) for m, v in losses.items()})
+    atomic_write_bytes(out / f"losses-{split}.npz", buf32.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf)
     methods = list(rows)
@@ -439,8 +446,7 @@ def _plot_gates(gates: Tensor, dyn: DynamicWeights, articles: list[tuple[int, st
     axes[0, 0].legend(fontsize=6)
     axes[0, 0].set_xlabel("token")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=100)
 
 
 def _ratio(r: dict[str, Any], base: str) -> str:
@@ -473,7 +479,7 @@ def _markdown(results: dict[str, Any]) -> str:
         streams = "one stream" if pr["streams"] == 1 else f"{pr['streams']} streams, θ {pr['theta']}"
         n_art = next((v["articles"] for r in res.values() for v in r.get("vs", {}).values()), None)
         out.append(f"**{split}** (segment {pr['segment']}, {streams}, {next(iter(res.values()))['tokens']:,} "
-                   f"tokens{f', {n_art} articles' if n_art else ''}, max_drift {pr['max_drift']})\n\n"
+                   f"tokens{f', {n_art} articles' if n_art else ''}, max_drift {pr['max_drift'] or 'off'})\n\n"
                    + report.markdown_table(rows, cols))
     roles = results.get("roles") or {}
     if roles:

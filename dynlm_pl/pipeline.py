@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from dynlm_pl import evaluation
 from dynlm_pl.config import check_config
 from dynlm_pl.errors import require
-from dynlm_pl.runtime import barrier
+from dynlm_pl.runtime import barrier, run_lock
 from dynlm_pl.stages import fisher, lm, meta
 
 Stage = Callable[[DictConfig], dict[str, Any]]
@@ -43,12 +43,13 @@ def run_stages(cfg: DictConfig) -> dict[str, Any]:
     for n in names:
         stage_fn(n)  # fail on a bad name before any work is done
     results, times = {}, {}
-    for n in names:
-        t0 = time.time()
-        results[n] = stage_fn(n)(stage_config(cfg, n))
-        barrier()
-        times[n] = time.time() - t0
-        print(f"[{n}] stage done in {times[n]:.1f}s", flush=True)
+    with run_lock(cfg, "+".join(names)):  # one writer per run directory
+        for n in names:
+            t0 = time.time()
+            results[n] = stage_fn(n)(stage_config(cfg, n))
+            barrier()
+            times[n] = time.time() - t0
+            print(f"[{n}] stage done in {times[n]:.1f}s", flush=True)
     if len(names) > 1:
         print("stage times: " + ", ".join(f"{n} {t:.1f}s" for n, t in times.items()), flush=True)
     return results

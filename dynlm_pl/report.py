@@ -10,8 +10,11 @@ import html
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from dynlm_pl.files import atomic_write, atomic_write_text
 
 
 def article_spans(offsets: Sequence[int], n_losses: int) -> list[tuple[int, int]]:
@@ -91,8 +94,7 @@ def plot_gain_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], articles:
         ax.set_title(label, fontsize=10)
     axes[-1, 0].set_xlabel(f"token (moving average over {window} tokens; dotted: article starts)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_article_gains(rows: dict[str, list[dict]], baseline: str, path: str | Path) -> None:
@@ -114,8 +116,7 @@ def plot_article_gains(rows: dict[str, list[dict]], baseline: str, path: str | P
     ax.set_ylabel(f"% ppl reduction vs {baseline}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_article_ratio(loss_a: np.ndarray, loss_b: np.ndarray, articles: Sequence[tuple[int, str]],
@@ -141,8 +142,7 @@ def plot_article_ratio(loss_a: np.ndarray, loss_b: np.ndarray, articles: Sequenc
     ax.set_ylabel(f"% ppl reduction, {name_a} vs {name_b}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def token_html(words: Sequence[str], loss_a: np.ndarray, loss_b: np.ndarray, articles: Sequence[tuple[int, str]],
@@ -172,7 +172,21 @@ def token_html(words: Sequence[str], loss_a: np.ndarray, loss_b: np.ndarray, art
                          f"{loss_a[k]:.2f} / {html.escape(name_b)} {loss_b[k]:.2f}'>{text}</span> ")
         parts.append("</p></section>")
     parts.append("</body></html>")
-    Path(path).write_text("".join(parts), encoding="utf-8")
+    atomic_write_text(path, "".join(parts))
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG, written atomically (a full disk keeps the previous plot), then closed."""
+    import matplotlib.pyplot as plt
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            fig.savefig(f, dpi=dpi, format="png")
+
+    try:
+        atomic_write(path, write)
+    finally:
+        plt.close(fig)
 
 
 def markdown_table(rows: list[dict], columns: Sequence[str]) -> str:

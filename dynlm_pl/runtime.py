@@ -3,6 +3,7 @@ loggers and checkpoint callbacks, and the baselines tuned for this run. Stages a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -12,16 +13,44 @@ import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from dynlm_pl import artifacts
 from dynlm_pl.data import WikiText2DataModule
-from dynlm_pl.errors import DynlmError, require
-from dynlm_pl.files import file_sha256
+from dynlm_pl.errors import DynlmError, Stopped, require
+from dynlm_pl.files import RunLock, file_sha256
 from dynlm_pl.meta.tuning import tune
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import Backbone
-from dynlm_pl.resume import ResumeCheckpoint
+from dynlm_pl.resume import AtomicCheckpointIO, ResumeCheckpoint, stop_message
+
+
+def _make_dir(d: Path) -> Path:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DynlmError(f"cannot create the run directory {d} ({e.strerror}); "
+                         "set paths.root to a writable directory") from None
+    require(os.access(d, os.W_OK), f"run directory {d} is not writable; set paths.root to a writable directory")
+    return d
+
+
+def _global_rank() -> int:
+    """This process's rank among a job's processes, from the launcher's environment (0 when not distributed):
+    torchrun's RANK, SLURM's SLURM_PROCID, Lightning's ddp launcher's NODE_RANK / LOCAL_RANK."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return int(os.environ.get("NODE_RANK", "0") or 0) + int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def run_lock(cfg: DictConfig, stage: str) -> contextlib.AbstractContextManager:
+    """The run directory's lock (`files.RunLock`) for as long as `stage` writes there, held by the job's rank 0
+    (the other ranks of a DDP job share its directory by design)."""
+    if _global_rank() != 0:
+        return contextlib.nullcontext()
+    return RunLock(_make_dir(Path(cfg.paths.run_dir)), stage)
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -29,16 +58,23 @@ def run_dir(cfg: DictConfig) -> Path:
 
     With `from_run` set, that run's lm.ckpt and fisher.pt are linked in first (see `import_artifacts`).
     """
-    d = Path(cfg.paths.run_dir)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DynlmError(f"cannot create the run directory {d} ({e.strerror}); "
-                         "set paths.root to a writable directory") from None
-    require(os.access(d, os.W_OK), f"run directory {d} is not writable; set paths.root to a writable directory")
+    d = _make_dir(Path(cfg.paths.run_dir))
     if cfg.get("from_run"):
         artifacts.import_artifacts(Path(cfg.paths.root) / str(cfg.from_run), d)
     return d
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, dm: L.LightningDataModule, ckpt_path: str | None,
+        what: str) -> None:
+    """trainer.fit, with a stop by SIGTERM or Ctrl-C (Lightning's own stop at the end of a step, after which
+    `ResumeCheckpoint` has written last.ckpt) ending in one line that says how to continue (`Stopped`)."""
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        last = next((c.path for c in trainer.callbacks if isinstance(c, ResumeCheckpoint)), None)
+        raise Stopped(stop_message(what, last)) from None
+    if trainer.interrupted:
+        raise DynlmError(f"{what} was interrupted; rerun with resume=true to continue from last.ckpt")
 
 
 def best_model_score(ckpt: Any) -> float | None:
@@ -91,7 +127,8 @@ def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, ca
         require(isinstance(every, int) and every >= 0,
                 f"ckpt_every_n_steps must be a number of steps (0: after validations only), got {every!r}")
         callbacks.append(ResumeCheckpoint(every))
-    return instantiate(tcfg, callbacks=callbacks, logger=make_loggers(cfg) or False, **kwargs)
+    return instantiate(tcfg, callbacks=callbacks, logger=make_loggers(cfg) or False,
+                       plugins=[AtomicCheckpointIO()], **kwargs)
 
 
 def model_spec(cfg_model: DictConfig | dict) -> dict[str, Any]:

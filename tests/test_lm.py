@@ -19,7 +19,7 @@ from torch import Tensor
 
 from dynlm_pl.artifacts import load_lm
 from dynlm_pl.cli import main_guard
-from dynlm_pl.errors import DynlmError
+from dynlm_pl.errors import DynlmError, Stopped
 from dynlm_pl.meta.scoring import static_eval
 from dynlm_pl.models.awd_lstm import AWDLSTM
 from dynlm_pl.pipeline import run_stages
@@ -270,3 +270,33 @@ def test_negative_bptt_exits_2_with_one_line(tmp_path: Path) -> None:
     p = run_cli("train.py", "experiment=smoke", "stage=lm", "data.bptt=-3", root=tmp_path)
     assert p.returncode == 2, p.stderr
     assert error_lines(p) == ["error: data.bptt must be a positive integer, got -3"]
+
+
+def test_sigterm_right_before_a_validation_stops_after_it_and_resumes_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM during the last step of an epoch, right before its validation: a checkpoint there would make the
+    resumed run skip that validation, so the stop is held until the validation has run and last.ckpt is written
+    after it; the resumed run then ends exactly where an uninterrupted one does."""
+    quick = [*SMALL_DATA, "trainer.limit_val_batches=2", "lm.trainer.max_epochs=2"]
+    ref = lm_mod.run(compose_config(quick, tmp_path / "ref"))
+
+    class SignalledBeforeValidation(LMPretrainModule):
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            out = super().training_step(batch, batch_idx)
+            if self.current_epoch == 0 and batch_idx == self.trainer.num_training_batches - 1:
+                self.trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+            return out
+
+    monkeypatch.setattr(lm_mod, "LMPretrainModule", SignalledBeforeValidation)
+    cfg = compose_config(quick, tmp_path / "cut")
+    with pytest.raises(Stopped, match=r"pretraining stopped by a signal after writing .*last\.ckpt; rerun the same "
+                                      r"command with resume=true"):
+        lm_mod.run(cfg)
+    last = torch.load(Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert len(last["val_history"]) == 1, "the validation the signal preceded ran before the stop"
+    monkeypatch.setattr(lm_mod, "LMPretrainModule", LMPretrainModule)
+    res = lm_mod.run(compose_config([*quick, "resume=true"], tmp_path / "cut"))
+    assert res["val_ppl"] == ref["val_ppl"] and res["tokens_seen"] == ref["tokens_seen"]
+    a, b = (torch.load(Path(r) / "smoke" / "lm.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+            for r in (tmp_path / "ref", tmp_path / "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,18 +144,36 @@ def copy_run(src: Path, root: Path) -> Path:
     return dst
 
 
-def kill_at_first_checkpoint(proc: subprocess.Popen, ckpt: Path, timeout: float = 120.0) -> dict[str, Any]:
-    """SIGKILL `proc` as soon as `ckpt` appears (it is written by rename, so it is whole); its content."""
+def kill_at_first_checkpoint(proc: subprocess.Popen, ckpt: Path, timeout: float = 120.0,
+                             sig: signal.Signals = signal.SIGKILL) -> dict[str, Any]:
+    """Send `sig` to `proc` as soon as `ckpt` appears (it is written by rename, so it is whole); the checkpoint it
+    leaves. SIGKILL: dies at once. SIGTERM / SIGINT (Ctrl-C): stops at the end of its step after writing `ckpt`
+    again, exit status 143."""
     t0 = time.time()
     while not ckpt.is_file():
         assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before writing {ckpt}"
         assert time.time() - t0 < timeout, f"no {ckpt} after {timeout}s"
         time.sleep(0.005)
     assert proc.poll() is None, "the run had already finished: nothing was interrupted"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    proc.send_signal(sig)
+    proc.wait(timeout=timeout)
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 143)
     return load(ckpt)
+
+
+def run_until_signal(args: list[str], ckpt: Path, sig: signal.Signals, log: Path) -> dict[str, Any]:
+    """Start `args`, signal it at its first checkpoint (`kill_at_first_checkpoint`); for SIGTERM / SIGINT, check the
+    one line it ends with."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err)
+        at_stop = kill_at_first_checkpoint(proc, ckpt, sig=sig)
+    if sig != signal.SIGKILL:
+        lines = [line for line in log.read_text().splitlines() if line.startswith(("stopped:", "error:"))]
+        assert len(lines) == 1 and lines[0].endswith(f"stopped by a signal after writing {ckpt}; rerun the same "
+                                                     "command with resume=true to continue where it stopped"), lines
+        assert "Traceback" not in log.read_text()
+        print(f"\n  {signal.Signals(sig).name}: exit {proc.returncode}: {lines[0]}")
+    return at_stop
 
 
 @pytest.fixture(scope="module")
@@ -174,13 +195,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 LM_RESUME = ["stage=lm", "lm.trainer.max_epochs=3", "lm.trainer.ckpt_every_n_steps=4"]
 
 
-def test_lm_resume_after_sigkill_matches_uninterrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_lm_resume_after_a_kill_or_sigterm_matches_uninterrupted(sig: signal.Signals, tmp_path: Path) -> None:
     ref_root, cut_root = tmp_path / "uninterrupted", tmp_path / "killed"
     lm_stage.run(cfg_for(ref_root, *LM_RESUME))  # same code and seed as the subprocess, in this process
     last = cut_root / "smoke" / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(cli_args("train.py", cut_root, *LM_RESUME), cwd=REPO_ROOT, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    at_kill = kill_at_first_checkpoint(proc, last)
+    at_kill = run_until_signal(cli_args("train.py", cut_root, *LM_RESUME), last, sig, tmp_path / "stderr.txt")
     assert not (cut_root / "smoke" / "lm.ckpt").exists()
     p = run_cli("train.py", cut_root, *LM_RESUME, "resume=true")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -192,7 +212,7 @@ def test_lm_resume_after_sigkill_matches_uninterrupted(tmp_path: Path) -> None:
                                                                                      b_last["state_dict"])
     opt_a, opt_b = a_last["optimizer_states"][0]["state"], b_last["optimizer_states"][0]["state"]
     d_opt = max(max_abs_diff(opt_a[i], opt_b[i]) for i in opt_a)
-    print(f"\n  [lm resume] killed at global step {at_kill['global_step']} (batch "
+    print(f"\n  [lm resume] {sig.name} at global step {at_kill['global_step']} (batch "
           f"{at_kill['resume_state']['epoch_batches']} of epoch {at_kill['epoch']}); final step "
           f"{a_last['global_step']} vs {b_last['global_step']}\n"
           f"  uninterrupted: best val ppl {best_score(a_last):.6f}, val loss history "
@@ -205,6 +225,8 @@ def test_lm_resume_after_sigkill_matches_uninterrupted(tmp_path: Path) -> None:
     assert a_last["val_history"] == pytest.approx(b_last["val_history"], rel=0, abs=1e-6)
     assert best_score(a_last) == pytest.approx(best_score(b_last), rel=0, abs=1e-6)
     assert d_lm <= 1e-6 and d_last <= 1e-6 and d_opt <= 1e-6
+    if sig != signal.SIGKILL:
+        return
 
     # Stopped at an epoch boundary instead (after epoch 1's validation), in-process: the same end again.
     stop_root = tmp_path / "stopped"
@@ -222,16 +244,16 @@ META_RESUME = ["stage=meta", "gate=paper", "unroll=3", "meta.steps=15", "meta.va
                "meta.optim.lr=0.02", "meta.trainer.ckpt_every_n_steps=3"]
 
 
-def test_meta_resume_after_sigkill_matches_uninterrupted(trained: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_meta_resume_after_a_kill_or_ctrl_c_matches_uninterrupted(sig: signal.Signals, trained: Path,
+                                                                 tmp_path: Path) -> None:
     ref_root, cut_root = tmp_path / "uninterrupted", tmp_path / "killed"
     for root in (ref_root, cut_root):
         (root / "smoke").mkdir(parents=True)
         shutil.copy(trained / "lm.ckpt", root / "smoke" / "lm.ckpt")  # gate=paper without fisher.pt
     ref_res = meta_stage.run(cfg_for(ref_root, *META_RESUME))
     last = cut_root / "smoke" / "checkpoints" / "meta" / "last.ckpt"
-    proc = subprocess.Popen(cli_args("train.py", cut_root, *META_RESUME), cwd=REPO_ROOT, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    at_kill = kill_at_first_checkpoint(proc, last)
+    at_kill = run_until_signal(cli_args("train.py", cut_root, *META_RESUME), last, sig, tmp_path / "stderr.txt")
     assert at_kill["resume_state"]["theta"] is not None  # θ carried across unrolls is in the checkpoint
     assert not (cut_root / "smoke" / "meta.ckpt").exists()
     p = run_cli("train.py", cut_root, *META_RESUME, "resume=true")
@@ -245,7 +267,7 @@ def test_meta_resume_after_sigkill_matches_uninterrupted(trained: Path, tmp_path
     opt_a, opt_b = a_last["optimizer_states"][0]["state"], b_last["optimizer_states"][0]["state"]
     d_opt = max(max_abs_diff(opt_a[i], opt_b[i]) for i in opt_a)
     ppl = lambda ck: float(torch.exp(torch.tensor(best_score(ck))))
-    print(f"\n  [meta resume] killed at global step {at_kill['global_step']} ({at_kill['n_unrolls']} unrolls, "
+    print(f"\n  [meta resume] {sig.name} at global step {at_kill['global_step']} ({at_kill['n_unrolls']} unrolls, "
           f"{at_kill['resume_state']['pass_tokens']} tokens per stream read); final step {a_last['global_step']} "
           f"vs {b_last['global_step']}\n"
           f"  uninterrupted: best val adaptive ppl {ppl(a_last):.6f} (run() returned {ref_res['val_ppl_trained']:.6f}),"
@@ -259,6 +281,8 @@ def test_meta_resume_after_sigkill_matches_uninterrupted(trained: Path, tmp_path
     assert a_last["resume_state"]["skipped"] == b_last["resume_state"]["skipped"]
     assert best_score(a_last) == pytest.approx(best_score(b_last), rel=0, abs=1e-6)
     assert max(d_meta, d_phi, d_theta, d_opt) <= 1e-6
+    if sig != signal.SIGKILL:
+        return
 
     # Stopped right after a validation instead (meta.steps=5 = meta.val_every), in-process: the same end again.
     stop_root = tmp_path / "stopped"
@@ -662,3 +686,78 @@ def test_meta_resume_with_another_dynamic_selection_is_refused(trained: Path, tm
                                                    "meta.dynamic.exclude=[rnns.*]", "resume=true")), capsys)
     assert "cannot resume" in msg and "meta.dynamic" in msg and "resume=true" in msg
     assert_kept(before, run)
+
+
+def _write_lock(run: Path, pid: int, host: str | None = None) -> None:
+    (run / ".lock").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "stage": "meta",
+                                           "started": "2026-12-03 10:00:00"}))
+
+
+def test_a_second_process_on_a_run_directory_stops_at_once(trained: Path, tmp_path: Path) -> None:
+    """A run directory held by a live process (here: this test's own, as `python train.py stage=meta` would hold
+    it) or by a process on another host refuses a second writer with one line naming the holder."""
+    run = copy_run(trained, tmp_path)
+    _write_lock(run, os.getpid())
+    before = snapshot(run)
+    p = run_cli("train.py", tmp_path, "stage=meta", *META_FAST)
+    assert cli_error(p) == (f"error: run directory {run} is in use by pid {os.getpid()} on {socket.gethostname()} "
+                            f"(meta, since 2026-12-03 10:00:00); wait for it to finish or use another name= "
+                            f"(delete {run / '.lock'} only if it is gone)")
+    assert_kept(before, run)
+    _write_lock(run, 1, host="another-node")  # pid 1 exists here, but the holder is elsewhere: cannot be checked
+    p = run_cli("evaluate.py", tmp_path, *EVAL_FAST)
+    assert "is in use by pid 1 on another-node" in cli_error(p)
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(trained: Path, tmp_path: Path) -> None:
+    run = copy_run(trained, tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _write_lock(run, gone.pid)
+    p = run_cli("evaluate.py", tmp_path, *EVAL_FAST)
+    assert p.returncode == 0, p.stderr
+    notice = [line for line in p.stdout.splitlines() if "taking over" in line]
+    assert notice == [f"[dynlm] taking over {run / '.lock'}: its holder, pid {gone.pid} (meta, since "
+                      "2026-12-03 10:00:00), is gone"]
+    assert not (run / ".lock").exists()  # released when the run ends
+
+
+def test_the_lock_is_held_while_a_stage_writes_and_released_after(trained: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    run = copy_run(trained, tmp_path)
+    seen: list[dict[str, Any]] = []
+    real = evaluation._run
+
+    def spy(cfg: DictConfig) -> dict[str, Any]:
+        seen.append(json.loads((run / ".lock").read_text()))
+        return real(cfg)
+
+    monkeypatch.setattr(evaluation, "_run", spy)
+    run_stages(cfg_for(tmp_path, "stage=all", "pipeline=[evaluate]", *EVAL_FAST))
+    assert seen and seen[0]["pid"] == os.getpid() and seen[0]["stage"] == "evaluate"
+    assert not (run / ".lock").exists()
+
+
+@pytest.mark.parametrize(("command", "limit"), [
+    (["train.py", "stage=lm", *LM_FAST], 200_000),  # Lightning's checkpoints (~1 MB here)
+    (["train.py", "stage=fisher", *FISHER_FAST], 200_000),  # fisher.pt (~0.7 MB)
+    (["evaluate.py", *EVAL_FAST], 12_000),  # per-method losses, results, plots
+], ids=["lm", "fisher", "evaluate"])
+def test_a_full_disk_keeps_every_previous_artifact(command: list[str], limit: int, trained: Path,
+                                                   tmp_path: Path) -> None:
+    """A write that fails for lack of space (here: a file-size limit, EFBIG, which needs no privileges) stops with
+    one line naming the file, and every artifact already in the run directory is left exactly as it was."""
+    run = copy_run(trained, tmp_path)
+    before = snapshot(run)
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    p = subprocess.run(cli_args(command[0], tmp_path, *command[1:]), cwd=REPO_ROOT, env=cli_env(),
+                       capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    msg = cli_error(p)
+    assert re.fullmatch(rf"error: cannot write {re.escape(str(run))}/\S+: (file larger than the file-size limit|the "
+                        r"write failed \(a full disk or a file-size limit\)); the previous \S+ \(if any\) is kept: "
+                        r"free some space \(or raise the limit\) and rerun", msg), msg
+    assert_kept(before, run)
+    assert not list(run.rglob("*.tmp")), "no temporary file is left behind"

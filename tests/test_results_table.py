@@ -89,5 +89,19 @@ def test_the_readme_quotes_the_smoke_run_verbatim() -> None:
     """README.md's synthetic-corpus results are this script's output for bench/results/smoke/results.json."""
     res = json.loads((SCRIPT.parent / "results" / "smoke" / "results.json").read_text())
     table = results_table.render(res)
-    assert "| sgd | 115.67 | +29.9% | 8,354 | 1,296 |" in table
+    assert "| meta | 111.61 | +32.4% | 0.9101 [0.8862, 0.9325] | 0.9903 [0.9309, 1.0468] | 8,354 | 193 |" in table
     assert table in (SCRIPT.parents[1] / "README.md").read_text()
+
+
+def test_ratio_columns_with_intervals_when_the_file_has_them(tmp_path: Path) -> None:
+    """A results.json with paired-bootstrap ratios (evaluate.py's `vs`) gets a column per baseline it names."""
+    res = json.loads(json.dumps(RESULTS))
+    res["protocol"]["bootstrap"] = {"level": 0.9}
+    res["splits"]["test"]["meta"]["vs"] = {"rms": {"ratio": 0.98765, "lo": 0.97, "hi": 1.0049}}
+    res["splits"]["test"]["sgd"]["vs"] = {"static": {"ratio": 0.75, "lo": 0.7, "hi": 0.8}}
+    lines = results_table.split_table(res, "test").splitlines()
+    assert lines[2:6] == ["| method | ppl | vs static | ÷ rms [90% CI] | tokens | tokens/s |",
+                          "|---|---:|---:|---:|---:|---:|",
+                          "| static | 200.00 |  |  | 1,234 | 30,000 |",
+                          "| sgd | 150.00 | +25.0% |  | 1,234 | 1,501 |"]
+    assert lines[6] == "| meta | 100.00 | +50.0% | 0.9877 [0.9700, 1.0049] | 1,234 | 250 |"

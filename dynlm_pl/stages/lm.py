@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 
 from dynlm_pl import artifacts
 from dynlm_pl.config import check_config
-from dynlm_pl.errors import DynlmError, require
+from dynlm_pl.errors import require
 from dynlm_pl.resume import check_resumable
-from dynlm_pl.runtime import best_model_score, make_datamodule, make_trainer, model_spec, primitives, run_dir
+from dynlm_pl.runtime import best_model_score, fit, make_datamodule, make_trainer, model_spec, primitives, run_dir
 from dynlm_pl.systems.lm import LMPretrainModule
 
 
@@ -39,9 +39,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # know: its warning that a mid-epoch resume of a plain loader is unreliable does not apply here.
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
     t0 = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    if trainer.interrupted:
-        raise DynlmError("pretraining was interrupted; rerun with resume=true to continue from last.ckpt")
+    fit(trainer, module, dm, ckpt_path, "pretraining")
     if not trainer.is_global_zero:  # under strategy=ddp / torchrun every rank runs this; rank 0 writes
         return {}
     warn_if_cut_short(trainer, module.tokens_seen)

@@ -22,7 +22,7 @@ from torch import Tensor
 from dynlm_pl import artifacts
 from dynlm_pl.config import check_config
 from dynlm_pl.data import MetaCut, WikiText2DataModule
-from dynlm_pl.errors import DynlmError, require
+from dynlm_pl.errors import require
 from dynlm_pl.files import atomic_copy, file_sha256
 from dynlm_pl.fisher import FisherArtifact
 from dynlm_pl.meta.learner import KRAUSE_FORMS
@@ -32,7 +32,7 @@ from dynlm_pl.meta.unroll import group_size
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import Backbone
 from dynlm_pl.resume import check_resumable
-from dynlm_pl.runtime import best_model_score, make_datamodule, make_trainer, run_dir, tuned_baselines
+from dynlm_pl.runtime import best_model_score, fit, make_datamodule, make_trainer, run_dir, tuned_baselines
 from dynlm_pl.systems.meta import MetaTrainModule
 
 
@@ -174,9 +174,7 @@ def _fit(cfg: DictConfig, module: MetaTrainModule, dm: WikiText2DataModule,
     ckpt_path = str(resume) if cfg.get("resume") and resume.is_file() else None
     if ckpt_path:
         check_resumable(resume)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    if trainer.interrupted:
-        raise DynlmError("meta-training was interrupted; rerun with resume=true to continue from last.ckpt")
+    fit(trainer, module, dm, ckpt_path, "meta-training")
     return trainer, ckpt
 
 
