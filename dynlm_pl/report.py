@@ -111,9 +111,14 @@ def plot_article_gains(rows: dict[str, list[dict]], baseline: str, path: str | P
     for j, m in enumerate(others):
         gain = 100 * (1 - np.array([r["ppl"] for r in rows[m]]) / base)
         ax.bar(np.arange(len(base)) + j * width, gain, width, label=m)
+    _save_article_axes(fig, ax, f"% ppl reduction vs {baseline}", path)
+
+
+def _save_article_axes(fig: Any, ax: Any, ylabel: str, path: str | Path) -> None:
+    """The per-article bar plots' axes (zero line, labels, legend), then the figure saved."""
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("article (stream order)")
-    ax.set_ylabel(f"% ppl reduction vs {baseline}")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
@@ -137,12 +142,7 @@ def plot_article_ratio(loss_a: np.ndarray, loss_b: np.ndarray, articles: Sequenc
     ax.axhspan(lo, hi, color="tab:orange", alpha=0.3, label=f"{100 * ci['level']:.0f}% interval, whole split")
     whole = 100 * (1 - ci["ratio"])
     ax.axhline(whole, color="tab:orange", lw=1.2, label=f"whole split {whole:+.2f}%")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_xlabel("article (stream order)")
-    ax.set_ylabel(f"% ppl reduction, {name_a} vs {name_b}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    _save_article_axes(fig, ax, f"% ppl reduction, {name_a} vs {name_b}", path)
 
 
 def token_html(words: Sequence[str], loss_a: np.ndarray, loss_b: np.ndarray, articles: Sequence[tuple[int, str]],

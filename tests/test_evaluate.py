@@ -34,6 +34,20 @@ OVERRIDES = [
 ]
 
 
+def fresh_run(out: Path, root: Path, *overrides: str) -> tuple[DictConfig, Path]:
+    """A run directory under `root` holding the evaluated run's lm.ckpt, fisher.pt and tuned.json (no results)."""
+    import shutil
+
+    from tests.conftest import compose_config
+
+    cfg = compose_config([*OVERRIDES, *overrides], root)
+    run = Path(cfg.paths.run_dir)
+    run.mkdir(parents=True)
+    for f in ("lm.ckpt", "fisher.pt", "tuned.json"):
+        shutil.copy(out / f, run / f)
+    return cfg, run
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, dict, Path]:
     from tests.conftest import compose_config
@@ -276,16 +290,8 @@ def test_krause_grid_scales_with_the_segment() -> None:
 def test_eval_streams_reads_every_target_once_with_a_theta_per_stream(evaluated: tuple[DictConfig, dict, Path],
                                                                       tmp_path: Path) -> None:
     """eval.streams=3: the split as 3 contiguous rows, each with its own θ; the static LM reads the same rows."""
-    import shutil
-
-    from tests.conftest import compose_config
-
     _, res1, out = evaluated
-    cfg = compose_config([*OVERRIDES, "eval.streams=3", "eval.splits=[test]"], tmp_path)
-    run = Path(cfg.paths.run_dir)
-    run.mkdir(parents=True)
-    for f in ("lm.ckpt", "fisher.pt", "tuned.json"):
-        shutil.copy(out / f, run / f)
+    cfg, run = fresh_run(out, tmp_path, "eval.streams=3", "eval.splits=[test]")
     res = evaluation.run(cfg)
     assert res["protocol"]["streams"] == 3 and res["protocol"]["theta"] == "per stream"
     n = res1["splits"]["test"]["static"]["tokens"]  # N − 1 targets in one stream
@@ -357,16 +363,8 @@ def test_a_half_finished_evaluation_resumes_per_method(evaluated: tuple[DictConf
 
 def test_parallel_workers_give_the_same_results(evaluated: tuple[DictConfig, dict, Path], tmp_path: Path) -> None:
     """eval.workers=2: the methods run in forked one-thread processes and give the numbers of one process."""
-    import shutil
-
-    from tests.conftest import compose_config
-
     _, res1, out = evaluated
-    cfg = compose_config([*OVERRIDES, "eval.splits=[test]", "eval.workers=2"], tmp_path)
-    run = Path(cfg.paths.run_dir)
-    run.mkdir(parents=True)
-    for f in ("lm.ckpt", "fisher.pt", "tuned.json"):
-        shutil.copy(out / f, run / f)
+    cfg, run = fresh_run(out, tmp_path, "eval.splits=[test]", "eval.workers=2")
     res = evaluation.run(cfg)
     for m, r in res1["splits"]["test"].items():
         assert not res["splits"]["test"][m]["reused"]
