@@ -109,9 +109,10 @@ class RunLock:
     """One writer per run directory: `<dir>/.lock` names its holder (pid, host, stage, start time).
 
     Taken by linking a complete temporary file to the lock's name, which fails if it exists (atomic, also on NFS),
-    so a reader never sees half a holder. A lock whose pid is gone on this host (a killed run) is taken over with
-    a one-line notice; a live holder, or one on another host (whose pid cannot be checked), is refused with a
-    one-line error. Re-entrant within a process (stage=all takes it, then evaluate inside it).
+    so a reader never sees half a holder. A lock whose pid is gone on this host (a killed run), or that this SLURM
+    job took before it was requeued (the same SLURM_JOB_ID, maybe on another node), is taken over with a one-line
+    notice; a live holder, or one on another host (whose pid cannot be checked), is refused with a one-line
+    error. Re-entrant within a process (stage=all takes it, then evaluate inside it).
     """
 
     _held: ClassVar[dict[Path, int]] = {}  # lock path -> nesting depth, in this process
@@ -124,10 +125,12 @@ class RunLock:
             self._held[self.path] += 1
             return self
         info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": self.stage,
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "job": os.environ.get("SLURM_JOB_ID")}
         if not self._link(info):
             holder = self._holder()
-            if holder.get("host") == info["host"] and not _alive(int(holder.get("pid", -1))):
+            gone = holder.get("host") == info["host"] and not _alive(int(holder.get("pid", -1)))
+            requeued = info["job"] is not None and holder.get("job") == info["job"]  # this SLURM job, before
+            if gone or requeued:
                 print(f"[dynlm] taking over {self.path}: its holder, pid {holder.get('pid')} "
                       f"({holder.get('stage')}, since {holder.get('started')}), is gone", flush=True)
                 self.path.unlink(missing_ok=True)

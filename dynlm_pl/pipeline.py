@@ -3,6 +3,7 @@ evaluate by default; `meta_noflush` is the meta stage with gate.flush=false, the
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,11 @@ def stage_config(cfg: DictConfig, name: str) -> DictConfig:
 
 def run_stages(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
+    if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0") and not cfg.get("resume"):
+        # A SLURM job requeued after preemption or its time limit (hydra/launcher=slurm, max_num_timeout) reruns
+        # the same command: it continues from last.ckpt instead of starting over.
+        print(f"[dynlm] SLURM requeued this job ({os.environ['SLURM_RESTART_COUNT']} times): resume=true", flush=True)
+        OmegaConf.update(cfg, "resume", True, force_add=True)
     names = list(cfg.get("pipeline") or PIPELINE) if cfg.stage == "all" else [cfg.stage]
     for n in names:
         stage_fn(n)  # fail on a bad name before any work is done

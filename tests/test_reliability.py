@@ -761,3 +761,23 @@ def test_a_full_disk_keeps_every_previous_artifact(command: list[str], limit: in
                         r"free some space \(or raise the limit\) and rerun", msg), msg
     assert_kept(before, run)
     assert not list(run.rglob("*.tmp")), "no temporary file is left behind"
+
+
+def test_a_requeued_slurm_job_resumes_and_takes_over_its_own_lock(trained: Path, tmp_path: Path) -> None:
+    """hydra/launcher=slurm requeues a preempted job, which reruns the same command: SLURM_RESTART_COUNT makes it
+    resume, and the lock its first run left (same SLURM_JOB_ID, another node) is its own."""
+    run = copy_run(trained, tmp_path)
+    (run / ".lock").write_text(json.dumps({"pid": 1, "host": "node-that-was-preempted", "stage": "lm",
+                                           "started": "2026-12-03 10:00:00", "job": "77"}))
+    p = subprocess.run(cli_args("train.py", tmp_path, "stage=lm", *LM_FAST), cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=300, env={**cli_env(), "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[dynlm] SLURM requeued this job (1 times): resume=true" in p.stdout
+    assert "taking over" in p.stdout and "Restoring states from the checkpoint path" in p.stdout + p.stderr
+    assert not (run / ".lock").exists()
+    other_job = {**cli_env(), "SLURM_JOB_ID": "78"}  # another job is refused as usual
+    (run / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "stage": "lm", "started": "-",
+                                           "job": "77"}))
+    p = subprocess.run(cli_args("train.py", tmp_path, "stage=lm", *LM_FAST), cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=300, env=other_job)
+    assert "is in use by pid 1 on elsewhere" in cli_error(p)
