@@ -50,6 +50,7 @@ from dynlm_pl.files import atomic_write_bytes, atomic_write_text, file_sha256
 from dynlm_pl.fisher import FisherArtifact
 from dynlm_pl.meta.rules import RecordingGateRule, Rule, build_rule
 from dynlm_pl.meta.scoring import method_losses, static_losses
+from dynlm_pl.meta.tuning import init_worker
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import Backbone
 from dynlm_pl.runtime import make_datamodule, run_dir, run_lock, tuned_baselines
@@ -236,7 +237,7 @@ def _in_worker(job: Callable[[], None]) -> None:
     atexit handlers or finalizers; a failure prints its one line and exits 2."""
     code = 0
     try:
-        torch.set_num_threads(1)
+        init_worker()
         job()
     except DynlmError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -371,3 +371,27 @@ def test_parallel_workers_give_the_same_results(evaluated: tuple[DictConfig, dic
         assert res["splits"]["test"][m]["ppl"] == pytest.approx(r["ppl"], rel=1e-5)
     assert sorted(p.name for p in (run / "eval").iterdir()) == [f"test-{m}.npz" for m in
                                                                ("rms", "rms_pt", "sgd", "static")]
+
+
+def test_a_forked_worker_compiles_after_the_parent_has(tmp_path: Path) -> None:
+    """torch.compile in the parent (stage=all: the meta stage's fused gate) leaves a compile thread pool that does not
+    exist in a forked worker; `init_worker` makes the worker compile in-process instead of waiting on it forever."""
+    import multiprocessing
+    import time
+
+    salt = time.time() % 1000  # constants baked into the kernels: nothing comes from the on-disk compile cache
+    torch.compile(lambda x: torch.sin(x) * salt)(torch.ones(8))  # the parent's compile pool is live now
+    done = tmp_path / "done"
+
+    def job() -> None:
+        torch.compile(lambda x: torch.cos(x) + salt)(torch.ones(8))  # another graph: a fresh compile
+        done.write_text("ok")
+
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=evaluation._in_worker, args=(job,))
+    p.start()
+    p.join(timeout=240)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+    assert not alive and p.exitcode == 0 and done.read_text() == "ok"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,8 +37,13 @@ KRAUSE_SEGMENT = 5  # the segment length Krause's grids are stated for; they sca
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)  # workers share the cores: one thread each
+def init_worker() -> None:
+    """Set up a forked worker process: one thread (the workers share the cores), and torch.compile compiling in
+    this process: the parent's compile thread pool (if it compiled, e.g. the meta stage's fused gate) does not
+    exist after fork, and a compile waiting on it would wait forever."""
+    torch.set_num_threads(1)
+    if "torch._inductor.config" in sys.modules:
+        sys.modules["torch._inductor.config"].compile_threads = 1
 
 
 def _trial(method: str, hp: dict[str, float]) -> tuple[float, float]:
@@ -119,7 +125,7 @@ def tune(lm: Backbone, tokens: Tensor, dyn: DynamicWeights, segment: int, grid: 
     selection slice. rms_pt starts from rms's result: `known["rms"]` (tuned.json) or tuned here first."""
     _STATE.update(lm=lm, tokens=tokens, dyn=dyn, segment=segment, max_drift=max_drift)
     workers = int(grid.get("workers", 1))
-    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker) if workers > 1 else None
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=init_worker) if workers > 1 else None
     try:
         return _tune(grid, segment, methods, dyn.ms is not None, (pool, workers), tokens.numel(), known or {})
     finally:
