@@ -2,7 +2,8 @@
 [--hidden 0] [--fused] [--modes nested step off]`.
 
 Modes: `off` (no checkpointing), `step` (each inner step a checkpoint region), `nested` (groups of
-√(U/2) steps rerun in backward, meta.checkpoint_group=auto).
+√(U/2) steps rerun in backward, meta.checkpoint_group=auto), `fast` (meta.fast_first_order: the first-order
+meta-gradient from the gates' vector-Jacobian products, no second LM pass; `meta.unroll.FastFirstOrder`).
 
 Ratios: tokens/s against static evaluation (`meta.scoring.static_losses`, bptt 70) measured in the same
 process, and against a memory roofline of 36 parameter-sized passes per inner step: an evaluation step
@@ -46,7 +47,7 @@ def child(argv: list[str]) -> None:
     from dynlm_pl.systems.meta import MetaTrainModule
 
     unroll, mode, steps, threads, cap, hidden = int(argv[0]), argv[1], *map(int, argv[2:6])
-    fused, ck = argv[6] == "1", mode != "off"
+    fused, ck = argv[6] == "1", mode not in ("off", "fast")
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     torch.set_num_threads(threads)
     if argv[7] == "1":
@@ -58,13 +59,15 @@ def child(argv: list[str]) -> None:
     gate["hidden"] = [hidden] if hidden else []
     dyn = DynamicWeights.build(model)
     m = MetaTrainModule(model, dyn, gate, segment=5, unroll=unroll, checkpointing=ck,
-                        checkpoint_group=group_size("auto", unroll) if mode == "nested" else 0)
+                        checkpoint_group=group_size("auto", unroll) if mode == "nested" else 0,
+                        fast_first_order=mode == "fast")
     m.meta.fused = fused
     if fused:  # compile outside the timed region: one short unroll (nested: in groups of 2, both update paths)
         keep = dict(m.hparams)
         m.hparams.unroll, m.hparams.checkpoint_group = 4, 2 if mode == "nested" else 0
         loss = m.unroll(torch.randint(0, 33278, (1, 4 * 5 + 1)), None, *m.initial_state(1))[0]
-        loss.backward()
+        if loss.requires_grad:
+            loss.backward()
         m.hparams.update(keep)
     data = torch.randint(0, 33278, (2001,))
     static_losses(model, data[:141], bptt=70)
@@ -86,9 +89,10 @@ def child(argv: list[str]) -> None:
     try:
         for _ in range(steps):  # the timed part: unroll, meta-gradient, Adam step on φ
             chunk = torch.randint(0, 33278, (1, unroll * 5 + 1))
+            opt.zero_grad()  # before: the fast mode accumulates φ's gradients inside the unroll
             loss, theta, hidden_state, _ = m.unroll(chunk, None, theta, hidden_state)
-            opt.zero_grad()
-            loss.backward()
+            if loss.requires_grad:
+                loss.backward()
             opt.step()
             theta, hidden_state = theta.detach(), model.detach_state(hidden_state)
         status = "ok"
@@ -109,7 +113,8 @@ def main() -> None:
     ap.add_argument("--mem-cap-gb", type=float, default=12.0, help="address-space cap per run")
     ap.add_argument("--hidden", type=int, default=16, help="gate hidden width (0: linear)")
     ap.add_argument("--fused", action="store_true", help="meta.fused_gate: the compiled update")
-    ap.add_argument("--modes", nargs="+", default=["nested", "step", "off"], choices=["nested", "step", "off"])
+    ap.add_argument("--modes", nargs="+", default=["nested", "step", "off"],
+                    choices=["nested", "step", "off", "fast"])
     ap.add_argument("--keep-freed", action="store_true",
                     help="glibc as train.py sets it (dynlm_pl.cli.keep_freed_memory) instead of RSS = live memory")
     args = ap.parse_args()

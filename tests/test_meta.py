@@ -25,7 +25,7 @@ from dynlm_pl.meta.gates import rational_exp
 from dynlm_pl.meta.learner import MetaLearner
 from dynlm_pl.meta.rules import GateRule, RecordingGateRule, RMSRule, Rule, build_rule
 from dynlm_pl.meta.scoring import adaptive_eval
-from dynlm_pl.meta.unroll import inner_step
+from dynlm_pl.meta.unroll import FastFirstOrder, Unroller, inner_step
 from dynlm_pl.meta.weights import DynamicWeights, drift_norm, select_dynamic, tensor_group
 from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
 from dynlm_pl.runtime import make_datamodule
@@ -612,3 +612,42 @@ def test_rms_pt_with_equal_groups_is_krause_and_groups_split_by_layer(stream: tu
     assert bool((one.d[is_bias] == 0).all()) and torch.equal(one.d[~is_bias], base.d[~is_bias])
     with pytest.raises(DynlmError, match=r"no value for the parameter group\(s\) \['rnns.1'\]"):
         build_rule("rms_pt", {k: v for k, v in pt.items() if not k.endswith("rnns.1")}, dyn)
+
+
+def _phi_grad(module: MetaTrainModule, unroller: Unroller, chunk: Tensor, resets: Tensor | None) -> list[Tensor]:
+    for p in module.meta.parameters():
+        p.grad = None
+    theta, hidden = unroller.initial_state(chunk.size(0))
+    loss = unroller(chunk, resets, theta, hidden)[0]
+    if loss.requires_grad:
+        loss.backward()
+    return [p.grad.clone() for p in module.meta.parameters()]
+
+
+@pytest.mark.parametrize(("param", "streams", "ewc", "reset"), [
+    ("paper", 1, 0.0, False), ("rational", 1, 0.0, False), ("paper", 2, 0.5, True), ("rational", 1, 0.5, True)])
+def test_fast_first_order_equals_autograd_with_the_hidden_path_detached(stream: tuple[Tensor, int], param: str,
+                                                                       streams: int, ewc: float, reset: bool) -> None:
+    """FastFirstOrder (the gates' vector-Jacobian products only) gives autograd's first-order meta-gradient when
+    autograd too ignores the path through the hidden state: the same φ gradient to float64 rounding, also with B
+    streams, the EWC term and article resets; and the same meta-loss."""
+    tokens, vocab = stream
+    module = double_module(vocab, order=1, unroll=6, param=param)
+    hp = module.hparams
+    hp.ewc_lambda = ewc
+    chunk = torch.stack([tokens[b * 200 : b * 200 + 6 * SEG + 1] for b in range(streams)])
+    resets = torch.zeros(streams, 6, dtype=torch.bool)
+    resets[0, 3] = reset
+    args = (module.lm, module.rule, module.dyn, list(module.meta.parameters()), SEG, 6, 1, False, 0, ewc)
+    ref = _phi_grad(module, Unroller(*args, detach_hidden=True), chunk, resets if reset else None)
+    fast = _phi_grad(module, FastFirstOrder(*args), chunk, resets if reset else None)
+    for a, b in zip(ref, fast, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    full = _phi_grad(module, Unroller(*args), chunk, resets if reset else None)  # with the hidden-state path
+    cos = torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in full]),
+                                                torch.cat([g.flatten() for g in fast]), dim=0)
+    assert 0.5 < float(cos) < 1.0  # close in direction, not equal: the dropped path carries some of it
+    theta, hidden = module.initial_state(streams)
+    l_ref = Unroller(*args)(chunk, None, theta, hidden)[0]
+    l_fast = FastFirstOrder(*args)(chunk, None, theta, hidden)[0]
+    assert float(l_fast) == pytest.approx(float(l_ref), rel=1e-12)

@@ -9,6 +9,7 @@ what the run directory already held is left byte for byte as it was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import resource
@@ -33,6 +34,7 @@ from dynlm_pl.artifacts import load_meta
 from dynlm_pl.cli import main_guard
 from dynlm_pl.config import check_config
 from dynlm_pl.data import SPLITS, UNK, synthetic_corpus
+from dynlm_pl.errors import DynlmError
 from dynlm_pl.files import file_sha256
 from dynlm_pl.pipeline import run_stages
 from dynlm_pl.stages import fisher as fisher_stage
@@ -781,3 +783,18 @@ def test_a_requeued_slurm_job_resumes_and_takes_over_its_own_lock(trained: Path,
     p = subprocess.run(cli_args("train.py", tmp_path, "stage=lm", *LM_FAST), cwd=REPO_ROOT, capture_output=True,
                        text=True, timeout=300, env=other_job)
     assert "is in use by pid 1 on elsewhere" in cli_error(p)
+
+
+def test_meta_stage_trains_with_the_fast_first_order_meta_gradient(trained: Path, tmp_path: Path) -> None:
+    """meta.fast_first_order=true through the stage: φ moves, every step is taken, and meta.order=2 with it is
+    refused in one line."""
+    copy_run(trained, tmp_path)
+    res = run_stages(cfg_for(tmp_path, "stage=meta", *META_FAST, "meta.fast_first_order=true",
+                             "meta.optim.lr=0.05"))["meta"]
+    assert res["steps"] == 4 and res["skipped"] == 0 and math.isfinite(res["val_ppl_trained"])
+    last = load(tmp_path / "smoke" / "checkpoints" / "meta" / "last.ckpt")
+    assert last["hyper_parameters"]["fast_first_order"] is True
+    init = load(trained / "meta.ckpt")["state_dict"]  # trained by the autograd path from the same start
+    assert max_abs_diff(init, last["state_dict"]) > 0
+    with pytest.raises(DynlmError, match=r"meta\.fast_first_order is the first-order meta-gradient"):
+        run_stages(cfg_for(tmp_path, "stage=meta", *META_FAST, "meta.fast_first_order=true", "meta.order=2"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -114,13 +115,14 @@ class Unroller:
 
     def __init__(self, lm: Backbone, rule: Rule, dyn: DynamicWeights, params: list[nn.Parameter], segment: int,
                  unroll: int, order: int = 1, checkpointing: bool = True, group: int = 0,
-                 ewc_lambda: float = 0.0) -> None:
+                 ewc_lambda: float = 0.0, detach_hidden: bool = False) -> None:
         require(order in (1, 2), f"meta.order must be 1 (first order) or 2 (second order), got {order}")
         require(ewc_lambda == 0 or dyn.fisher is not None,
                 "meta.ewc_lambda > 0 needs the Fisher from fisher.pt; run `python train.py stage=fisher`")
         self.lm, self.rule, self.dyn, self.params = lm, rule, dyn, params
         self.segment, self.unroll, self.order = segment, unroll, order
         self.checkpointing, self.group, self.ewc_lambda = checkpointing, group, ewc_lambda
+        self.detach_hidden = detach_hidden  # cut the path through the hidden state (what FastFirstOrder drops)
 
     def initial_state(self, batch: int) -> tuple[Tensor, Any]:
         """θ_0 ([P], or [B, P] for B > 1 streams) and the backbone's initial state."""
@@ -169,9 +171,94 @@ class Unroller:
                                                                                      theta)
             theta, hidden, lsum = inner_step(self.lm, self.rule, self.dyn.spec, theta, hidden, x, y,
                                              self.order == 2, self.checkpointing)
+            if self.detach_hidden:
+                hidden = self.lm.detach_state(hidden)
             total = total + lsum
             if self.ewc_lambda:  # counts once per step, like L_t (the total is divided by tokens)
                 pen = checkpoint(self.dyn.ewc_penalty, theta, self.ewc_lambda, use_reentrant=False) \
                     if self.checkpointing else self.dyn.ewc_penalty(theta, self.ewc_lambda)
                 total = total + pen * y.numel()
         return total, theta, hidden
+
+
+class FastFirstOrder(Unroller):
+    """The first-order meta-gradient without running the LM twice (meta.fast_first_order).
+
+    In first order ∇L_t and L_t are constants of the meta-gradient, and g_φ is coordinate-wise, so with
+    a_t = ∂(meta-loss)/∂θ_t the reverse pass is a_{t-1} = w ∇L_t + J_tᵀ a_t (J_t = ∂θ_t/∂θ_{t-1}, diagonal) and φ
+    collects a_tᵀ ∂θ_t/∂φ at step t: only the gate's vector-Jacobian products, no second LM forward or backward.
+    The forward pass is evaluation's (no graph); per step it keeps what the gate reads, θ_{t-1} and ∇L_t (2P
+    floats, as per-step checkpointing does). What it drops: L_{t+2} depends on θ_t also through the hidden state
+    after segment t+1 — the autograd reference with `detach_hidden=True` is what this equals (tests). `__call__`
+    returns the meta-loss without a graph: φ's gradients are already accumulated (all-reduced under DDP).
+    """
+
+    def __call__(self, chunk: Tensor, resets: Tensor | None, theta: Tensor,
+                 hidden: Any) -> tuple[Tensor, Tensor, Any, int]:
+        m, n_tok = self.segment, self.unroll * self.segment * chunk.size(0)
+        tape: list[Step] = []
+        total = theta.new_zeros((), dtype=torch.float64)
+        theta = theta.detach()
+        for k in range(self.unroll):  # forward: dynamic evaluation, keeping what each gate read
+            x, y = chunk[:, k * m : (k + 1) * m], chunk[:, k * m + 1 : (k + 1) * m + 1]
+            reset = None if resets is None else resets[:, k].to(theta.device)
+            before = None
+            if reset is not None and bool(reset.any()):  # θ ← θ_0 for these streams (the EWC term read θ before)
+                before = theta
+                theta = self.dyn.theta0.clone() if theta.dim() == 1 else torch.where(reset[:, None], self.dyn.theta0,
+                                                                                     theta)
+            th = theta.detach().requires_grad_(True)
+            with torch.enable_grad():
+                losses, hidden = score(self.lm, self.dyn.spec, th, x, y, hidden)
+                per_stream = losses.mean(1)
+                (grad,) = torch.autograd.grad(per_stream.sum(), th)
+            hidden = self.lm.detach_state(hidden)
+            feat = per_stream.detach() if theta.dim() == 2 else per_stream.detach().mean()
+            tape.append(Step(theta, grad, feat, reset, before))
+            with torch.no_grad():
+                theta = self.rule.update(theta, grad, feat)
+                total += losses.detach().sum().double()
+                if self.ewc_lambda:
+                    total += float(self.dyn.ewc_penalty(theta, self.ewc_lambda)) * y.numel()
+        self._reverse(tape, theta, m / n_tok, self.ewc_lambda * m * chunk.size(0) / n_tok)
+        return (total / n_tok).to(theta.dtype), theta, hidden, n_tok
+
+    def _reverse(self, tape: list[Step], theta_u: Tensor, w: float, w_ewc: float) -> None:
+        """a_t backward through the gates: φ.grad += Σ_t a_tᵀ ∂θ_t/∂φ. w: the weight of a segment's mean loss in the
+        meta-loss (a stream's tokens in it over the unroll's); w_ewc: that of an EWC term's gradient λF(θ − θ_0)."""
+        a = torch.zeros_like(theta_u)  # ∂M/∂θ_U: the next unroll's losses are not this meta-loss's
+        theta_out = theta_u
+        for step in reversed(tape):
+            if w_ewc:  # the EWC term of θ_out (this step's output) is part of the meta-loss too
+                a = a + w_ewc * self.dyn.fisher * (theta_out - self.dyn.theta0)
+            th = step.theta.detach().requires_grad_(True)
+            with torch.enable_grad():
+                torch.autograd.backward(self.rule.update(th, step.grad, step.feat), a)
+            a = th.grad + w * step.grad  # ∂M/∂θ_in: through the gate, and through L_t directly
+            if step.reset is not None:  # θ_in was θ_0 for these streams, not the previous output: nothing flows on
+                a = a * (~step.reset[:, None]).to(a.dtype) if a.dim() == 2 else a * float(not bool(step.reset.any()))
+            theta_out = step.theta if step.before is None else step.before
+        _all_reduce_grads(self.params)
+
+
+@dataclass
+class Step:
+    """What FastFirstOrder keeps of one inner step: θ_in (after any reset), ∇L_t, the loss feature, the reset mask,
+    and θ before the reset (only when there was one)."""
+
+    theta: Tensor
+    grad: Tensor
+    feat: Tensor
+    reset: Tensor | None
+    before: Tensor | None
+
+
+def _all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Under DDP, the mean of φ's gradients over the ranks (the autograd path gets it from DDP's hooks)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()

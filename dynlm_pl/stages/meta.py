@@ -121,7 +121,8 @@ def _module(cfg: DictConfig, out: Path, lm: Backbone, dm: WikiText2DataModule, l
         lm, dyn, gate, segment=int(m.segment), unroll=int(cfg.unroll), order=int(m.order),
         checkpointing=bool(m.checkpointing), checkpoint_group=group, reset_every=int(m.reset_every),
         ewc_lambda=float(m.ewc_lambda), lr=float(m.optim.lr), weight_decay=float(m.optim.weight_decay),
-        clip=float(m.optim.clip), streams=int(m.streams), provenance=prov, max_drift=cfg.eval.get("max_drift"))
+        clip=float(m.optim.clip), streams=int(m.streams), provenance=prov, max_drift=cfg.eval.get("max_drift"),
+        fast_first_order=bool(m.get("fast_first_order", False)))
     # The compiled update (MetaLearner.fused_update / fused_apply_): in training and in validation
     module.meta.fused = bool(m.get("fused_gate", False))
     return module, tuned

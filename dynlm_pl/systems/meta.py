@@ -22,7 +22,7 @@ from dynlm_pl.errors import require
 from dynlm_pl.meta.learner import build_meta_learner
 from dynlm_pl.meta.rules import GateRule, with_trust_region
 from dynlm_pl.meta.scoring import adaptive_eval
-from dynlm_pl.meta.unroll import Unroller
+from dynlm_pl.meta.unroll import FastFirstOrder, Unroller
 from dynlm_pl.meta.weights import DynamicWeights, freeze
 from dynlm_pl.models import Backbone
 from dynlm_pl.resume import get_rng_state, set_rng_state
@@ -35,7 +35,7 @@ class MetaTrainModule(L.LightningModule):
                  unroll: int = 40, order: int = 1, checkpointing: bool = True, checkpoint_group: int = 0,
                  reset_every: int = 0, ewc_lambda: float = 0.0, lr: float = 1e-3, weight_decay: float = 0.0,
                  clip: float = 1.0, streams: int = 1, provenance: dict[str, Any] | None = None,
-                 max_drift: float | None = None) -> None:
+                 max_drift: float | None = None, fast_first_order: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["lm", "dyn"])
         self.automatic_optimization = False
@@ -59,8 +59,12 @@ class MetaTrainModule(L.LightningModule):
         region of eval.max_drift when it is on (the same map as in tuning and evaluation)."""
         hp = self.hparams
         rule = with_trust_region(self.rule, self.dyn, hp.get("max_drift"))
-        return Unroller(self.lm, rule, self.dyn, list(self.meta.parameters()), hp.segment, hp.unroll, hp.order,
-                        hp.checkpointing, hp.get("checkpoint_group", 0), hp.ewc_lambda)
+        fast = bool(hp.get("fast_first_order", False))
+        require(not (fast and hp.order == 2), "meta.fast_first_order is the first-order meta-gradient; use "
+                "meta.order=1 with it, or meta.fast_first_order=false for the second order")
+        return (FastFirstOrder if fast else Unroller)(
+            self.lm, rule, self.dyn, list(self.meta.parameters()), hp.segment, hp.unroll, hp.order,
+            hp.checkpointing, hp.get("checkpoint_group", 0), hp.ewc_lambda)
 
     # -- the inner loop ----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -99,13 +103,14 @@ class MetaTrainModule(L.LightningModule):
         else:
             theta, hidden = self._theta, self._hidden
         t0 = time.perf_counter()
-        loss, theta, hidden, n_tok = self.unroll(chunk, resets, theta, hidden)
         opt = self.optimizers()
-        opt.zero_grad()
+        opt.zero_grad()  # before the unroll: meta.fast_first_order accumulates φ's gradients inside it
+        loss, theta, hidden, n_tok = self.unroll(chunk, resets, theta, hidden)
         # A collective decision: a rank that skipped backward while the others all-reduce would hang DDP.
         ok = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if ok:
-            self.manual_backward(loss)
+            if loss.requires_grad:  # the autograd path (FastFirstOrder has filled the gradients already)
+                self.manual_backward(loss)
             grads = [p.grad for p in self.meta.parameters() if p.grad is not None]
             ok = all(bool(torch.isfinite(g).all()) for g in grads)
         if ok:
