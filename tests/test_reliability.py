@@ -197,17 +197,25 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 LM_RESUME = ["stage=lm", "lm.trainer.max_epochs=3", "lm.trainer.ckpt_every_n_steps=4"]
 
 
+@pytest.fixture(scope="module")
+def lm_uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LM_RESUME run without interruption (same code and seed as the subprocesses), shared by the variants."""
+    root = tmp_path_factory.mktemp("lm_uninterrupted")
+    lm_stage.run(cfg_for(root, *LM_RESUME))
+    return root / "smoke"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_lm_resume_after_a_kill_or_sigterm_matches_uninterrupted(sig: signal.Signals, tmp_path: Path) -> None:
-    ref_root, cut_root = tmp_path / "uninterrupted", tmp_path / "killed"
-    lm_stage.run(cfg_for(ref_root, *LM_RESUME))  # same code and seed as the subprocess, in this process
+def test_lm_resume_after_a_kill_or_sigterm_matches_uninterrupted(sig: signal.Signals, lm_uninterrupted: Path,
+                                                                  tmp_path: Path) -> None:
+    cut_root = tmp_path / "killed"
     last = cut_root / "smoke" / "checkpoints" / "last.ckpt"
     at_kill = run_until_signal(cli_args("train.py", cut_root, *LM_RESUME), last, sig, tmp_path / "stderr.txt")
     assert not (cut_root / "smoke" / "lm.ckpt").exists()
     p = run_cli("train.py", cut_root, *LM_RESUME, "resume=true")
     assert p.returncode == 0, p.stderr[-3000:]
 
-    ref, res = cut_root.parent / "uninterrupted" / "smoke", cut_root / "smoke"
+    ref, res = lm_uninterrupted, cut_root / "smoke"
     a_lm, b_lm = load(ref / "lm.ckpt"), load(res / "lm.ckpt")
     a_last, b_last = load(ref / "checkpoints" / "last.ckpt"), load(res / "checkpoints" / "last.ckpt")
     d_lm, d_last = max_abs_diff(a_lm["state_dict"], b_lm["state_dict"]), max_abs_diff(a_last["state_dict"],
@@ -246,14 +254,22 @@ META_RESUME = ["stage=meta", "gate=paper", "unroll=3", "meta.steps=15", "meta.va
                "meta.optim.lr=0.02", "meta.trainer.ckpt_every_n_steps=3"]
 
 
+@pytest.fixture(scope="module")
+def meta_uninterrupted(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The META_RESUME run without interruption, and what run() returned, shared by the variants."""
+    root = tmp_path_factory.mktemp("meta_uninterrupted")
+    (root / "smoke").mkdir(parents=True)
+    shutil.copy(trained / "lm.ckpt", root / "smoke" / "lm.ckpt")  # gate=paper without fisher.pt
+    return root / "smoke", meta_stage.run(cfg_for(root, *META_RESUME))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
-def test_meta_resume_after_a_kill_or_ctrl_c_matches_uninterrupted(sig: signal.Signals, trained: Path,
-                                                                 tmp_path: Path) -> None:
-    ref_root, cut_root = tmp_path / "uninterrupted", tmp_path / "killed"
-    for root in (ref_root, cut_root):
-        (root / "smoke").mkdir(parents=True)
-        shutil.copy(trained / "lm.ckpt", root / "smoke" / "lm.ckpt")  # gate=paper without fisher.pt
-    ref_res = meta_stage.run(cfg_for(ref_root, *META_RESUME))
+def test_meta_resume_after_a_kill_or_ctrl_c_matches_uninterrupted(
+        sig: signal.Signals, trained: Path, meta_uninterrupted: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    cut_root = tmp_path / "killed"
+    (cut_root / "smoke").mkdir(parents=True)
+    shutil.copy(trained / "lm.ckpt", cut_root / "smoke" / "lm.ckpt")
+    ref, ref_res = meta_uninterrupted
     last = cut_root / "smoke" / "checkpoints" / "meta" / "last.ckpt"
     at_kill = run_until_signal(cli_args("train.py", cut_root, *META_RESUME), last, sig, tmp_path / "stderr.txt")
     assert at_kill["resume_state"]["theta"] is not None  # θ carried across unrolls is in the checkpoint
@@ -261,7 +277,7 @@ def test_meta_resume_after_a_kill_or_ctrl_c_matches_uninterrupted(sig: signal.Si
     p = run_cli("train.py", cut_root, *META_RESUME, "resume=true")
     assert p.returncode == 0, p.stderr[-3000:]
 
-    ref, res = ref_root / "smoke", cut_root / "smoke"
+    res = cut_root / "smoke"
     a_last, b_last = load(ref / "checkpoints" / "meta" / "last.ckpt"), load(res / "checkpoints" / "meta" / "last.ckpt")
     d_meta = max_abs_diff(load(ref / "meta.ckpt")["state_dict"], load(res / "meta.ckpt")["state_dict"])
     d_phi = max_abs_diff(a_last["state_dict"], b_last["state_dict"])
