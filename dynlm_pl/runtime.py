@@ -170,7 +170,13 @@ def tuned_baselines(cfg: DictConfig, out: Path, lm: Backbone, valid: torch.Tenso
         print(f"[tune] reusing tuned {', '.join(methods)} from {path}")
         return {m: best[m] for m in methods}
     t0 = time.time()
-    best.update(tune(lm, valid[: int(t.tokens)], dyn, int(cfg.eval.segment), t, missing, max_drift, known=best))
-    print(f"[tune] {', '.join(missing)} tuned in {time.time() - t0:.0f}s", flush=True)
+
+    def keep(method: str, result: dict[str, Any]) -> None:  # each method as it finishes: a kill loses one at most
+        best[method] = result
+        artifacts.save_tuned(path, key, best)
+
+    best.update(tune(lm, valid[: int(t.tokens)], dyn, int(cfg.eval.segment), t, missing, max_drift, known=dict(best),
+                     on_done=keep))
     artifacts.save_tuned(path, key, best)
+    print(f"[tune] {', '.join(missing)} tuned in {time.time() - t0:.0f}s", flush=True)
     return {m: best[m] for m in methods if m in best}

@@ -119,15 +119,17 @@ def krause_grid(grid: Mapping[str, Any], segment: int) -> tuple[list[float], lis
 
 
 def tune(lm: Backbone, tokens: Tensor, dyn: DynamicWeights, segment: int, grid: Mapping[str, Any],
-         methods: list[str], max_drift: float | None = None,
-         known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+         methods: list[str], max_drift: float | None = None, known: dict[str, dict[str, Any]] | None = None,
+         on_done: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
     """{method: {"hparams", "tune_loss", "trials"}} for each of `methods` (sgd, rms, rms_pt) on `tokens`, the
-    selection slice. rms_pt starts from rms's result: `known["rms"]` (tuned.json) or tuned here first."""
+    selection slice. rms_pt starts from rms's result: `known["rms"]` (tuned.json) or tuned here first.
+    `on_done(method, result)` as each method finishes (tuned.json keeps it: a killed tuning loses one method)."""
     _STATE.update(lm=lm, tokens=tokens, dyn=dyn, segment=segment, max_drift=max_drift)
     workers = int(grid.get("workers", 1))
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=init_worker) if workers > 1 else None
     try:
-        return _tune(grid, segment, methods, dyn.ms is not None, (pool, workers), tokens.numel(), known or {})
+        return _tune(grid, segment, methods, dyn.ms is not None, (pool, workers), tokens.numel(), known or {},
+                     on_done or (lambda m, r: None))
     finally:
         if pool is not None:
             pool.terminate()
@@ -135,7 +137,8 @@ def tune(lm: Backbone, tokens: Tensor, dyn: DynamicWeights, segment: int, grid: 
 
 
 def _tune(grid: Mapping[str, Any], segment: int, methods: list[str], has_ms: bool, pool: tuple[Any | None, int],
-          n_tokens: int, known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+          n_tokens: int, known: dict[str, dict[str, Any]],
+          on_done: Callable[[str, dict[str, Any]], None]) -> dict[str, dict[str, Any]]:
     step, rounds = float(grid.get("refine_step", 3.0)), int(grid.get("refine", 2))
     eps = float(grid["rms_eps"])
     lrs, lambs = krause_grid(grid, segment)
@@ -146,6 +149,7 @@ def _tune(grid: Mapping[str, Any], segment: int, methods: list[str], has_ms: boo
         print(f"[tune] {method} on {n_tokens:,} selection tokens ({len(trials.records)} trials, "
               f"{sum(t['seconds'] for t in trials.records):.0f} trial-seconds): {hp} "
               f"(ppl {math.exp(min(best[method]['tune_loss'], 50.0)):.2f})", flush=True)
+        on_done(method, best[method])
 
     if "sgd" in methods:
         trials = Trials("sgd", *pool)
