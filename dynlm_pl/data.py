@@ -83,15 +83,21 @@ def tokenize(lines: Sequence[str]) -> list[str]:
     return [w for line in lines for w in line.split() + [EOS]]
 
 
+def title_of(prev: str | None, line: str, nxt: str | None) -> str | None:
+    """The title if `line` is an article heading ` = Title = ` standing between blank lines (None: no line), else
+    None: formulas like ` = 1 Hz = ` inside a paragraph are not titles."""
+    m = _HEADING.match(line.rstrip("\r\n"))
+    blank = lambda x: x is None or not x.strip()
+    return m.group(1).strip() if m and blank(prev) and blank(nxt) else None
+
+
 def article_index(lines: Sequence[str]) -> list[tuple[int, str]]:
     """Token offset (in the tokenized stream of `lines`) and title of each ` = Title = ` line."""
     out, offset = [], 0
-    blank = lambda i: i < 0 or i >= len(lines) or not lines[i].strip()
     for i, line in enumerate(lines):
-        # A title stands between blank lines; formulas like ` = 1 Hz = ` inside a paragraph do not.
-        m = _HEADING.match(line.rstrip("\n"))
-        if m and blank(i - 1) and blank(i + 1):
-            out.append((offset, m.group(1).strip()))
+        t = title_of(lines[i - 1] if i > 0 else None, line, lines[i + 1] if i + 1 < len(lines) else None)
+        if t is not None:
+            out.append((offset, t))
         offset += len(line.split()) + 1
     return out
 
@@ -144,22 +150,17 @@ def encode_file(path: Path, corpus: Corpus, progress: bool = True) -> tuple[Tens
     articles, offset = [], 0
     window: list[str] = []  # the last 3 lines: a title is decided once the line after it is known
 
-    def title(prev: str | None, line: str, nxt: str | None) -> str | None:
-        m = _HEADING.match(line.rstrip("\r"))
-        blank = lambda x: x is None or not x.strip()
-        return m.group(1).strip() if m and blank(prev) and blank(nxt) else None
-
     for line in iter_lines(path, progress):
         words = line.split()
         window = [*window[-2:], line]
-        if len(window) >= 2 and (t := title(window[-3] if len(window) == 3 else None, window[-2], line)):
+        if len(window) >= 2 and (t := title_of(window[-3] if len(window) == 3 else None, window[-2], line)):
             articles.append((offset - len(window[-2].split()) - 1, t))
         for w in [*words, EOS]:
             i = corpus.stoi.get(w, unk)
             require(i is not None, f"word {w!r} is not in the vocabulary and it has no {UNK}")
             ids.append(i)
         offset += len(words) + 1
-    if window and (t := title(window[-2] if len(window) >= 2 else None, window[-1], None)):
+    if window and (t := title_of(window[-2] if len(window) >= 2 else None, window[-1], None)):
         articles.append((offset - len(window[-1].split()) - 1, t))
     # the tensor shares the array's memory (no copy); the array is not resized after this
     return (torch.frombuffer(ids, dtype=torch.long) if ids else torch.empty(0, dtype=torch.long)), articles
