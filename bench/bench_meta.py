@@ -3,7 +3,8 @@
 
 Modes: `off` (no checkpointing), `step` (each inner step a checkpoint region), `nested` (groups of
 √(U/2) steps rerun in backward, meta.checkpoint_group=auto), `fast` (meta.fast_first_order: the first-order
-meta-gradient from the gates' vector-Jacobian products, no second LM pass; `meta.unroll.FastFirstOrder`).
+meta-gradient from the gates' vector-Jacobian products, no second LM pass; `meta.unroll.FastFirstOrder`),
+`fast_nested` (the same in groups of √(U/2) steps whose LM passes the reverse pass reruns: less memory).
 
 Ratios: tokens/s against static evaluation (`meta.scoring.static_losses`, bptt 70) measured in the same
 process, and against a memory roofline of 36 parameter-sized passes per inner step: an evaluation step
@@ -13,7 +14,8 @@ recompute, backward), at the copy bandwidth measured in the same process.
 
 model=small (2×512 LSTM, 256-wide tied softmax) at the WikiText-2 vocabulary (33,278 words), random
 init and random tokens (speed and memory do not depend on the values), every parameter dynamic
-(9.6M coordinates), gate=paper without fisher.pt, first order, segment 5, batch 1. Each configuration
+(10.9M coordinates), `--gate` (paper: without fisher.pt; krause_fast, the gate experiment=cpu trains: synthetic
+RMS statistics), first order, segment 5, batch 1. Each configuration
 runs in a fresh process (peak RSS is a high-water mark), with glibc's mmap threshold fixed so freed
 tensors go back to the OS and RSS follows live memory (`--keep-freed`: glibc as train.py sets it, which keeps
 freed memory for reuse), and an address-space cap so that a run that would not fit fails fast instead of
@@ -47,24 +49,31 @@ def child(argv: list[str]) -> None:
     from dynlm_pl.systems.meta import MetaTrainModule
 
     unroll, mode, steps, threads, cap, hidden = int(argv[0]), argv[1], *map(int, argv[2:6])
+    gate_name = argv[8]
     fused, ck = argv[6] == "1", mode not in ("off", "fast")
+    nested = mode in ("nested", "fast_nested")
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     torch.set_num_threads(threads)
     if argv[7] == "1":
         keep_freed_memory()  # --keep-freed: the allocator as train.py sets it (peak RSS then includes what it keeps)
     torch.manual_seed(0)
     model = AWDLSTM(33278, **preset("model", "small")).eval().requires_grad_(False)
-    gate = preset("gate", "paper")
-    gate["features"] = [f for f in gate["features"] if f not in ("fisher", "rms")]
+    gate = preset("gate", gate_name)
     gate["hidden"] = [hidden] if hidden else []
     dyn = DynamicWeights.build(model)
+    if gate_name == "paper":  # no fisher.pt: the features that read it are dropped
+        gate["features"] = [f for f in gate["features"] if f not in ("fisher", "rms")]
+        gate["lr"] = 1e-3  # the preset leaves the step to the meta stage (the tuned sgd step); speed ignores it
+    else:  # synthetic RMS / Fisher statistics, as bench_gate.py (speed does not depend on their values)
+        dyn.ms = torch.rand_like(dyn.theta0) * 1e-6 + 1e-9
+        dyn.fisher = dyn.ms
     m = MetaTrainModule(model, dyn, gate, segment=5, unroll=unroll, checkpointing=ck,
-                        checkpoint_group=group_size("auto", unroll) if mode == "nested" else 0,
-                        fast_first_order=mode == "fast")
+                        checkpoint_group=group_size("auto", unroll) if nested else 0,
+                        fast_first_order=mode.startswith("fast"))
     m.meta.fused = fused
     if fused:  # compile outside the timed region: one short unroll (nested: in groups of 2, both update paths)
         keep = dict(m.hparams)
-        m.hparams.unroll, m.hparams.checkpoint_group = 4, 2 if mode == "nested" else 0
+        m.hparams.unroll, m.hparams.checkpoint_group = 4, 2 if nested else 0
         loss = m.unroll(torch.randint(0, 33278, (1, 4 * 5 + 1)), None, *m.initial_state(1))[0]
         if loss.requires_grad:
             loss.backward()
@@ -112,9 +121,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mem-cap-gb", type=float, default=12.0, help="address-space cap per run")
     ap.add_argument("--hidden", type=int, default=16, help="gate hidden width (0: linear)")
+    ap.add_argument("--gate", default="paper", choices=["paper", "krause_fast", "krause_init"],
+                    help="gate preset (paper: its log-magnitude features make the update compute-bound)")
     ap.add_argument("--fused", action="store_true", help="meta.fused_gate: the compiled update")
     ap.add_argument("--modes", nargs="+", default=["nested", "step", "off"],
-                    choices=["nested", "step", "off", "fast"])
+                    choices=["nested", "step", "off", "fast", "fast_nested"])
     ap.add_argument("--keep-freed", action="store_true",
                     help="glibc as train.py sets it (dynlm_pl.cli.keep_freed_memory) instead of RSS = live memory")
     args = ap.parse_args()
@@ -130,7 +141,7 @@ def main() -> None:
             t = time.time()
             out = subprocess.run([sys.executable, __file__, "--child", str(unroll), ck, str(args.steps),
                                   str(args.threads), str(int(args.mem_cap_gb * 2**30)), str(args.hidden),
-                                  "1" if args.fused else "0", "1" if args.keep_freed else "0"],
+                                  "1" if args.fused else "0", "1" if args.keep_freed else "0", args.gate],
                                  capture_output=True, text=True, cwd=repo, env=env)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
             r = json.loads(lines[-1]) if lines else {"status": f"crashed (rc {out.returncode})"}
@@ -140,7 +151,7 @@ def main() -> None:
             print(f"# unroll {unroll} checkpointing {ck}: {r} ({time.time() - t:.0f}s wall)", file=sys.stderr,
                   flush=True)
     coords = next((r["coords"] for _, _, r in rows if "coords" in r), 0)
-    print(f"\nmeta-training, model=small, V=33,278, {coords:,} dynamic coordinates, gate=paper "
+    print(f"\nmeta-training, model=small, V=33,278, {coords:,} dynamic coordinates, gate={args.gate} "
           f"({f'MLP {args.hidden}' if args.hidden else 'linear'}{', fused' if args.fused else ''}), "
           f"first order, segment 5, batch 1, {args.steps} meta-step(s) per row, {args.threads} threads, "
           f"address-space cap {args.mem_cap_gb:g} GB, allocator: "
@@ -150,7 +161,7 @@ def main() -> None:
     print("|---:|:---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|")
     ref = {ck: r["peak_mb"] for u, ck, r in rows if u == 10 and r.get("status") == "ok"}
     for unroll, ck, r in rows:
-        name = f"{ck} (group {group_size('auto', unroll)})" if ck == "nested" else ck
+        name = f"{ck} (group {group_size('auto', unroll)})" if ck in ("nested", "fast_nested") else ck
         if r.get("status") == "ok":
             ratio = f"{r['peak_mb'] / ref[ck]:.2f}x" if ck in ref else "-"
             tps = r["tokens"] / r["seconds"]

@@ -191,15 +191,42 @@ class FastFirstOrder(Unroller):
     floats, as per-step checkpointing does). What it drops: L_{t+2} depends on θ_t also through the hidden state
     after segment t+1 — the autograd reference with `detach_hidden=True` is what this equals (tests). `__call__`
     returns the meta-loss without a graph: φ's gradients are already accumulated (all-reduced under DDP).
+
+    Memory (`checkpointing` with a group G > 1, meta.checkpoint_group): the forward pass keeps only each group's
+    input θ and hidden state; the reverse pass reruns one group's forward (its LM passes again) to rebuild its
+    tape, last group first, whose tape the forward pass still holds. An unroll of U steps then holds U/G + 2G
+    parameter-sized tensors instead of 2U, for one more LM forward and backward per step outside the last group.
     """
 
     def __call__(self, chunk: Tensor, resets: Tensor | None, theta: Tensor,
                  hidden: Any) -> tuple[Tensor, Tensor, Any, int]:
-        m, n_tok = self.segment, self.unroll * self.segment * chunk.size(0)
-        tape: list[Step] = []
+        n_tok = self.unroll * self.segment * chunk.size(0)
+        g = self.group if self.checkpointing and 1 < self.group < self.unroll else self.unroll
+        starts: list[tuple[int, Tensor, Any]] = []  # (first step, θ, hidden) of each group
         total = theta.new_zeros((), dtype=torch.float64)
-        theta = theta.detach()
-        for k in range(self.unroll):  # forward: dynamic evaluation, keeping what each gate read
+        theta, tape = theta.detach(), []
+        for k0 in range(0, self.unroll, g):
+            starts.append((k0, theta, hidden))
+            tape = []  # drop the previous group's tape before building this one (one tape at a time)
+            tape, theta, hidden, part = self._forward(chunk, resets, k0, min(self.unroll, k0 + g), theta, hidden)
+            total += part
+        a, theta_out = torch.zeros_like(theta), theta  # ∂M/∂θ_U: the next unroll's losses are not this meta-loss's
+        w, w_ewc = self.segment / n_tok, self.ewc_lambda * self.segment * chunk.size(0) / n_tok
+        for i in reversed(range(len(starts))):
+            if i < len(starts) - 1:  # rebuild this group's tape (the last group's is the forward pass's)
+                k0, th, h = starts[i]
+                tape = []
+                tape = self._forward(chunk, resets, k0, min(self.unroll, k0 + g), th, h)[0]
+            a, theta_out = self._reverse(tape, a, theta_out, w, w_ewc)
+        _all_reduce_grads(self.params)
+        return (total / n_tok).to(theta.dtype), theta, hidden, n_tok
+
+    def _forward(self, chunk: Tensor, resets: Tensor | None, k0: int, k1: int, theta: Tensor,
+                 hidden: Any) -> tuple[list[Step], Tensor, Any, Tensor]:
+        """Steps k0..k1-1 as dynamic evaluation, keeping what each gate read: (tape, θ, hidden, summed loss + EWC)."""
+        m, tape = self.segment, []
+        total = theta.new_zeros((), dtype=torch.float64)
+        for k in range(k0, k1):
             x, y = chunk[:, k * m : (k + 1) * m], chunk[:, k * m + 1 : (k + 1) * m + 1]
             reset = None if resets is None else resets[:, k].to(theta.device)
             before = None
@@ -215,19 +242,18 @@ class FastFirstOrder(Unroller):
             hidden = self.lm.detach_state(hidden)
             feat = per_stream.detach() if theta.dim() == 2 else per_stream.detach().mean()
             tape.append(Step(theta, grad, feat, reset, before))
-            with torch.no_grad():
-                theta = self.rule.update(theta, grad, feat)
+            with torch.no_grad():  # the evaluation update, in place on a copy (the tape keeps θ_in)
+                theta = self.rule.update_(theta.clone(), grad, feat)
                 total += losses.detach().sum().double()
                 if self.ewc_lambda:
                     total += float(self.dyn.ewc_penalty(theta, self.ewc_lambda)) * y.numel()
-        self._reverse(tape, theta, m / n_tok, self.ewc_lambda * m * chunk.size(0) / n_tok)
-        return (total / n_tok).to(theta.dtype), theta, hidden, n_tok
+        return tape, theta, hidden, total
 
-    def _reverse(self, tape: list[Step], theta_u: Tensor, w: float, w_ewc: float) -> None:
-        """a_t backward through the gates: φ.grad += Σ_t a_tᵀ ∂θ_t/∂φ. w: the weight of a segment's mean loss in the
-        meta-loss (a stream's tokens in it over the unroll's); w_ewc: that of an EWC term's gradient λF(θ − θ_0)."""
-        a = torch.zeros_like(theta_u)  # ∂M/∂θ_U: the next unroll's losses are not this meta-loss's
-        theta_out = theta_u
+    def _reverse(self, tape: list[Step], a: Tensor, theta_out: Tensor, w: float, w_ewc: float) -> tuple[Tensor, Tensor]:
+        """a (∂M/∂θ after the tape's last step, whose output is theta_out) backward through the tape's gates:
+        φ.grad += Σ_t a_tᵀ ∂θ_t/∂φ. Returns a and θ before the tape's first step. w: the weight of a segment's mean
+        loss in the meta-loss (a stream's tokens in it over the unroll's); w_ewc: that of an EWC term's gradient
+        λF(θ − θ_0)."""
         for step in reversed(tape):
             if w_ewc:  # the EWC term of θ_out (this step's output) is part of the meta-loss too
                 a = a + w_ewc * self.dyn.fisher * (theta_out - self.dyn.theta0)
@@ -238,7 +264,7 @@ class FastFirstOrder(Unroller):
             if step.reset is not None:  # θ_in was θ_0 for these streams, not the previous output: nothing flows on
                 a = a * (~step.reset[:, None]).to(a.dtype) if a.dim() == 2 else a * float(not bool(step.reset.any()))
             theta_out = step.theta if step.before is None else step.before
-        _all_reduce_grads(self.params)
+        return a, theta_out
 
 
 @dataclass
