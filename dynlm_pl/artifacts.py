@@ -28,8 +28,9 @@ from dynlm_pl.models import Backbone, build_model
 
 LM_FORMAT = "dynlm-lm/1"
 FISHER_FORMAT = "dynlm-fisher/1"
-# What `from_run=<other run>` brings into this run's directory: the pretrained LM and its Fisher pass.
-FROM_RUN_ARTIFACTS = ("lm.ckpt", "fisher.pt")
+# What `from_run=<other run>` brings into this run's directory: the pretrained LM, its Fisher pass and the baselines
+# tuned on them (tuned.json is keyed by both hashes and the grid: a different setting re-tunes, never reuses)
+FROM_RUN_ARTIFACTS = ("lm.ckpt", "fisher.pt", "tuned.json")
 
 
 def atomic_torch_save(obj: Any, dst: str | Path) -> None:
@@ -151,7 +152,8 @@ def load_meta(path: str | Path, lm_sha256: str | None = None) -> tuple[MetaLearn
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
         hp = dict(ck["hyper_parameters"])
-        meta = build_meta_learner(hp["gate"], len(ck["dynamic_names"]))
+        coord = ck["state_dict"].get("meta.coord_step")  # gate.per_coordinate: one offset per dynamic coordinate
+        meta = build_meta_learner(hp["gate"], len(ck["dynamic_names"]), n_coords=0 if coord is None else coord.numel())
         meta.load_state_dict({k[len("meta."):]: v for k, v in ck["state_dict"].items() if k.startswith("meta.")})
     except Exception as e:
         raise DynlmError(f"meta-learner checkpoint {path} cannot be read ({type(e).__name__}); rerun "

@@ -24,8 +24,8 @@ NON_NEGATIVE_INTS = ("lm.trainer.ckpt_every_n_steps", "meta.trainer.ckpt_every_n
 # Numbers (int or float) >= 0 (null allowed where the key is optional).
 NON_NEGATIVE_NUMBERS = ("lm.optim.lr", "lm.optim.weight_decay", "lm.optim.clip", "lm.optim.alpha", "lm.optim.beta",
                         "meta.optim.lr", "meta.optim.weight_decay", "meta.optim.clip", "meta.ewc_lambda",
-                        "gate.lr", "gate.lamb", "gate.eps", "gate.lamb0", "gate.clamp", "eval.tune.rms_eps",
-                        "eval.tune.refine_step", "eval.tune.pt_step")
+                        "gate.lr", "gate.lamb", "gate.eps", "gate.lamb0", "gate.clamp", "gate.pull",
+                        "eval.tune.rms_eps", "eval.tune.refine_step", "eval.tune.pt_step")
 CHOICES = {"meta.order": (1, 2), "meta.data": ("train", "valid"), "fisher.estimator": ("empirical", "batch_ms")}
 METHODS = ("static", "sgd", "rms", "rms_pt", "meta_noflush", "meta")
 

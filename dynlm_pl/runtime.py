@@ -56,7 +56,7 @@ def run_lock(cfg: DictConfig, stage: str) -> contextlib.AbstractContextManager:
 def run_dir(cfg: DictConfig) -> Path:
     """The experiment's stable directory (`runs/<name>/`) where stages leave and find artifacts.
 
-    With `from_run` set, that run's lm.ckpt and fisher.pt are linked in first (see `import_artifacts`).
+    With `from_run` set, that run's lm.ckpt, fisher.pt and tuned.json are linked in first (see `import_artifacts`).
     """
     d = _make_dir(Path(cfg.paths.run_dir))
     if cfg.get("from_run"):

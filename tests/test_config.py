@@ -120,6 +120,8 @@ def test_experiment_preset_trains(experiment: str, compose_cfg, tmp_path: Path, 
         overrides += TINY_SYNTHETIC[len(TINY):]
     if not _cpu_trainer(cfg.hydra.runtime.choices.trainer, tmp_path):
         overrides.append("trainer=default")  # the paper's GPU trainer, checked for composition only
+    if cfg.get("from_run"):  # starts from another experiment's run (cpu_scale: cpu's): its settings train an LM here
+        overrides += ["from_run=null", "trainer=default"]  # (trainer=ddp_cpu trains in test_trainer_preset_trains)
     cfg = compose_cfg(overrides)
     metrics = _run_lm(cfg)
     assert Path(cfg.paths.run_dir).name == experiment
@@ -179,7 +181,7 @@ def test_gate_preset_updates(gate: str, compose_cfg) -> None:
         g["lr"] = 0.5
     model = tiny_lm(30)
     dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
-    meta = build_meta_learner(g, len(dyn.spec.names))
+    meta = build_meta_learner(g, len(dyn.spec.names), n_coords=dyn.spec.numel)
     theta = dyn.theta0 + 1e-3 * torch.randn_like(dyn.theta0)
     grad, loss = 1e-2 * torch.randn_like(theta), torch.tensor(4.0)
     outs = []

@@ -157,16 +157,18 @@ FORM_FEATURES = {"krause": ["theta", "delta", "grad", "loss", "fisher", "rms"],
                  "rational": ["theta", "dnorm", "gnorm", "loss", "fisher", "rms"]}
 
 
-@pytest.mark.parametrize("param", ["krause", "rational"])
-def test_krause_init_matches_independent_krause(stream: tuple[Tensor, int], param: str) -> None:
-    """gate=krause_init and gate=krause_fast ARE Krause's rule until they train."""
+@pytest.mark.parametrize(("param", "per_coordinate"), [("krause", False), ("rational", False), ("rational", True)])
+def test_krause_init_matches_independent_krause(stream: tuple[Tensor, int], param: str, per_coordinate: bool) -> None:
+    """gate=krause_init, gate=krause_fast and gate=meta_sgd (per-coordinate offsets) ARE Krause's rule until they
+    train."""
     tokens, vocab = stream
     lr, lamb, eps = 2e-3, 0.5, 2e-5
     model = tiny_lm(vocab)
     art = fake_fisher(model)
     dyn = DynamicWeights.build(model, fisher_art=art)
     meta = MetaLearner(len(dyn.spec.names), hidden=[8], features=FORM_FEATURES[param],
-                       param=param, embed_dim=3, lr=lr, lamb=lamb, eps=eps)
+                       param=param, embed_dim=3, lr=lr, lamb=lamb, eps=eps, per_coordinate=per_coordinate,
+                       n_coords=dyn.spec.numel)
     final: dict[str, Tensor] = {}
     got = adaptive_eval(model, tokens, GateRule(meta, dyn), SEG, dyn,
                         on_segment=lambda s, th: final.update(theta=th.detach().clone()))[0]
@@ -195,20 +197,28 @@ def test_krause_init_matches_independent_krause(stream: tuple[Tensor, int], para
     assert (got - static_losses(model, tokens)).abs().max() > 1e-2
 
 
-def test_rational_gate_matches_its_formula() -> None:
+@pytest.mark.parametrize("per_coordinate", [False, True])
+def test_rational_gate_matches_its_formula(per_coordinate: bool) -> None:
     """gate=krause_fast (param rational), trained-looking φ, against the formula written out independently:
-    o = W·[θ, dnorm, gnorm, L/10, rms feature] + b, r(o) = 1 + o (o ≥ 0) or 1/(1 − o), o clamped to ±c;
+    o = W·[θ, dnorm, gnorm, L/10, rms feature] + b (+ the per-coordinate offsets of gate=meta_sgd: c_step on o_i,
+    c_decay on o_f and o_z), r(o) = 1 + o (o ≥ 0) or 1/(1 − o), o clamped to ±c;
     i = a·r(o_i), f = 1 − clip((d + d₀)·r(o_f) − d₀), z = clip((d + d₀)·r(o_z) − d₀)."""
     model = tiny_lm(50)
     art = fake_fisher(model)
     dyn = DynamicWeights.build(model, fisher_art=art)
     lr, lamb, lamb0, eps, c = 1e-2, 0.05, 1e-3, 2e-5, 0.8
     meta = MetaLearner(len(dyn.spec.names), hidden=[], features=["theta", "dnorm", "gnorm", "loss", "rms"],
-                       param="rational", lr=lr, lamb=lamb, lamb0=lamb0, eps=eps, clamp=c)
+                       param="rational", lr=lr, lamb=lamb, lamb0=lamb0, eps=eps, clamp=c,
+                       per_coordinate=per_coordinate, pull=2.0, n_coords=dyn.spec.numel)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         meta.out.weight.copy_(torch.randn(3, 5, generator=g))
         meta.out.bias.copy_(torch.randn(3, generator=g))
+        offsets = torch.zeros(2, dyn.spec.numel)
+        if per_coordinate:
+            offsets = torch.randn(2, dyn.spec.numel, generator=g)
+            meta.coord_step.copy_(offsets[0])
+            meta.coord_decay.copy_(offsets[1])
     theta = dyn.theta0 + 1e-3 * torch.randn(dyn.theta0.shape, generator=g)
     grad, loss = 1e-2 * torch.randn(theta.shape, generator=g), torch.tensor(4.0)
     f, i, z = meta(theta, grad, loss, dyn)
@@ -220,12 +230,15 @@ def test_rational_gate_matches_its_formula() -> None:
     x = torch.stack([theta, (theta - dyn.theta0) / (10 * a.abs()), grad / (rms + eps), loss / 10 + 0 * theta,
                      torch.log(rms) / 10], dim=-1)
     x[:, 1:3] = x[:, 1:3] / (1 + x[:, 1:3].abs())
-    o = (x @ meta.out.weight.T + meta.out.bias).clamp(-c, c)
+    o = (x @ meta.out.weight.T + meta.out.bias + offsets[[1, 0, 1]].T).clamp(-c, c)
     r = torch.where(o >= 0, 1 + o, 1 / (1 - o))
     assert bool((o.abs() == c).any()) and bool((o < 0).any()) and bool((o > 0).any())  # every branch taken
     assert torch.allclose(i, a * r[:, 1], rtol=1e-5, atol=0)
     assert torch.allclose(f, 1 - ((d + d0) * r[:, 0] - d0).clamp(0, 1), rtol=1e-5, atol=1e-7)
     assert torch.allclose(z, ((d + d0) * r[:, 2] - d0).clamp(0, 1), rtol=1e-5, atol=1e-7)
+    meta.pull_(0.1)  # the offsets' pull toward zero after a step of φ at lr 0.1: a factor 1 − 0.1·2
+    if per_coordinate:
+        assert torch.allclose(meta.coord_step, 0.8 * offsets[0]) and torch.allclose(meta.coord_decay, 0.8 * offsets[1])
     # r is smooth through 0 (value and slope 1 on both sides) and its gradient is finite everywhere
     t = torch.tensor([-30.0, -1.0, -1e-4, 0.0, 1e-4, 1.0, 30.0], requires_grad=True)
     rt = rational_exp(t, 20.0)
@@ -280,11 +293,15 @@ def double_module(vocab: int, order: int, checkpointing: bool = False, unroll: i
     dyn = DynamicWeights.build(model, fisher_art=art)
     gate = dict(param="paper", hidden=[6], features=["theta", "delta", "grad", "loss", "fisher"], embed_dim=2,
                 lr=0.3, gate_bias=3.0, init_scale=0.5)
-    if param == "rational":  # gate=krause_fast's form, on a small MLP (its last layer starts at zero)
+    if param in ("rational", "meta_sgd"):  # gate=krause_fast's form, on a small MLP (its last layer starts at zero)
         gate = dict(param="rational", hidden=[6], features=FORM_FEATURES["rational"], embed_dim=2, lr=0.3,
-                    lamb=0.05, clamp=20.0)
+                    lamb=0.05, clamp=20.0, per_coordinate=param == "meta_sgd", pull=1.0)
     module = MetaTrainModule(model, dyn, gate, segment=SEG, unroll=unroll, order=order, checkpointing=checkpointing)
     module.meta.double()
+    if param == "meta_sgd":  # offsets away from zero, so that they shape the update the gradient flows through
+        with torch.no_grad():
+            module.meta.coord_step.normal_(0, 0.5)
+            module.meta.coord_decay.normal_(0, 0.5)
     return module
 
 
@@ -625,12 +642,14 @@ def _phi_grad(module: MetaTrainModule, unroller: Unroller, chunk: Tensor, resets
 
 
 @pytest.mark.parametrize(("param", "streams", "ewc", "reset"), [
-    ("paper", 1, 0.0, False), ("rational", 1, 0.0, False), ("paper", 2, 0.5, True), ("rational", 1, 0.5, True)])
+    ("paper", 1, 0.0, False), ("rational", 1, 0.0, False), ("paper", 2, 0.5, True), ("rational", 1, 0.5, True),
+    ("meta_sgd", 1, 0.0, True)])
 def test_fast_first_order_equals_autograd_with_the_hidden_path_detached(stream: tuple[Tensor, int], param: str,
                                                                        streams: int, ewc: float, reset: bool) -> None:
     """FastFirstOrder (the gates' vector-Jacobian products only) gives autograd's first-order meta-gradient when
     autograd too ignores the path through the hidden state: the same φ gradient to float64 rounding, also with B
-    streams, the EWC term and article resets; and the same meta-loss."""
+    streams, the EWC term and article resets, also rebuilding groups of steps in the reverse pass; and the same
+    meta-loss."""
     tokens, vocab = stream
     module = double_module(vocab, order=1, unroll=6, param=param)
     hp = module.hparams
@@ -643,6 +662,10 @@ def test_fast_first_order_equals_autograd_with_the_hidden_path_detached(stream: 
     fast = _phi_grad(module, FastFirstOrder(*args), chunk, resets if reset else None)
     for a, b in zip(ref, fast, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    # groups of 4 + 2 steps rebuilt in the reverse pass (meta.checkpoint_group): the same gradient
+    grouped = _phi_grad(module, FastFirstOrder(*args[:7], True, 4, ewc), chunk, resets if reset else None)
+    for a, b in zip(fast, grouped, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
     full = _phi_grad(module, Unroller(*args), chunk, resets if reset else None)  # with the hidden-state path
     cos = torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in full]),
                                                 torch.cat([g.flatten() for g in fast]), dim=0)

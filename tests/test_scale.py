@@ -106,23 +106,26 @@ def _torchrun_worker(rank: int, world: int, port: int, cfg: DictConfig, record: 
             dist.destroy_process_group()
 
 
-DDP_GROUPS = (0, 3)  # per-step checkpointing, and nested groups of 3 steps (CheckpointedSteps)
+# per-step checkpointing, nested groups of 3 steps (CheckpointedSteps), and meta.fast_first_order (its gradients
+# all-reduced by hand: no autograd graph for DDP's hooks)
+DDP_VARIANTS = ("0", "3", "fast")
 
 
-@pytest.mark.parametrize("group", DDP_GROUPS)
-def test_ddp_two_ranks_make_the_single_process_phi_update(base_root: Path, group: int) -> None:
+@pytest.mark.parametrize("variant", DDP_VARIANTS)
+def test_ddp_two_ranks_make_the_single_process_phi_update(base_root: Path, variant: str) -> None:
     # Precondition: both streams reset θ at an article start inside the 2 unrolls, at different segments.
     corpus = synthetic_corpus(articles=ARTICLES, article_len=ARTICLE_LEN)
     train = batchify(corpus.splits["train"], 2)
     mask = article_reset_mask(corpus.articles["train"], 2, train.size(1), 5)[:, : STEPS * UNROLL]
     assert mask.any(1).all() and not torch.equal(mask[0], mask[1])
 
+    fast = variant == "fast"
     meta = [*META, "logger=csv", "meta.streams=2", "meta.trainer.log_every_n_steps=1",
-            f"meta.checkpoint_group={group}"]
+            f"meta.checkpoint_group={0 if fast else variant}", f"meta.fast_first_order={fast}"]
     # One process, both streams (per-stream θ [2, P]: batched matmuls, StreamLSTM).
-    run_stages(compose_config([*meta, f"name=one{group}"], base_root))
+    run_stages(compose_config([*meta, f"name=one{variant}"], base_root))
     # Two processes, one stream each (θ [P], torch.lstm).
-    cfg = compose_config([*meta, f"name=two{group}", "trainer=ddp_cpu", "trainer.strategy=ddp"], base_root)
+    cfg = compose_config([*meta, f"name=two{variant}", "trainer=ddp_cpu", "trainer.strategy=ddp"], base_root)
     # fork: the children inherit the imported modules (a spawned child re-imports Lightning, ~10x slower).
     record = str(base_root / "streams")
     mp.start_processes(_torchrun_worker, args=(2, _free_port(), cfg, record), nprocs=2, join=True,
@@ -131,7 +134,7 @@ def test_ddp_two_ranks_make_the_single_process_phi_update(base_root: Path, group
         assert torch.equal(torch.load(f"{record}.{rank}", weights_only=True), train[rank : rank + 1])
         os.unlink(f"{record}.{rank}")
 
-    one, two = base_root / f"one{group}", base_root / f"two{group}"
+    one, two = base_root / f"one{variant}", base_root / f"two{variant}"
     a, b = phi(one / "meta-last.ckpt"), phi(two / "meta-last.ckpt")
     assert a.keys() == b.keys()
     assert float((a["meta.out.bias"] - torch.tensor([10.0, 0.0, -10.0])).abs().max()) > 1e-4  # φ moved from init
@@ -145,7 +148,7 @@ def test_ddp_two_ranks_make_the_single_process_phi_update(base_root: Path, group
     for x, y in zip(g1, g2, strict=True):
         assert math.isclose(x, y, rel_tol=1e-5), (g1, g2)
     # One run directory, written once: rank 1 left no log version, checkpoint or hydra directory of its own.
-    assert {p.name for p in base_root.iterdir()} - {BASE} <= {f"{w}{g}" for w in ("one", "two") for g in DDP_GROUPS}
+    assert {p.name for p in base_root.iterdir()} - {BASE} <= {f"{w}{g}" for w in ("one", "two") for g in DDP_VARIANTS}
     assert [p.name for p in (two / "logs").iterdir()] == ["version_0"]
     assert {"meta.ckpt", "meta-last.ckpt", "lm.ckpt", "fisher.pt"} <= {p.name for p in two.iterdir()}
     assert os.path.samefile(two / "lm.ckpt", base_root / BASE / "lm.ckpt")  # linked, not retrained
@@ -233,6 +236,24 @@ def test_multirun_jobs_write_separate_run_dirs(base_root: Path) -> None:
         assert f"unroll={unroll}" in job.name and f"gate.hidden=[{hidden[0]}]" in job.name, job.name
         assert os.path.samefile(job / "lm.ckpt", base_root / BASE / "lm.ckpt")
     assert seen == {(u, (h,)) for u in (2, 3) for h in (8, 16)}
+
+
+def test_from_run_links_lm_fisher_and_tuned_baselines_and_never_writes_back(tmp_path: Path) -> None:
+    """from_run brings lm.ckpt, fisher.pt and tuned.json (what it has of them) as links; the job re-saving its
+    tuned.json (a method tuned there) replaces its own link, the source run's file stays as it was."""
+    from dynlm_pl.artifacts import import_artifacts, save_tuned
+
+    src, dst = tmp_path / "src", tmp_path / "job"
+    src.mkdir()
+    dst.mkdir()
+    for name, text in (("lm.ckpt", "lm"), ("tuned.json", '{"key": {}, "best": {}}')):
+        (src / name).write_text(text)
+    import_artifacts(src, dst)
+    assert sorted(p.name for p in dst.iterdir()) == ["lm.ckpt", "tuned.json"]  # no fisher.pt in src: none here
+    assert os.path.samefile(src / "tuned.json", dst / "tuned.json")
+    save_tuned(dst / "tuned.json", {"lm_sha256": "x"}, {"sgd": {"hparams": {"lr": 1.0}}})
+    assert (src / "tuned.json").read_text() == '{"key": {}, "best": {}}'
+    assert not os.path.samefile(src / "tuned.json", dst / "tuned.json")
 
 
 def test_from_run_without_lm_says_what_to_do(tmp_path: Path) -> None:

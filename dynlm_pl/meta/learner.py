@@ -24,6 +24,11 @@ feature-dependent corrections of the step and the decay. A hidden layer of H uni
 multiply-adds per coordinate more (k features).
 
 Gate parametrizations (`param`: paper, krause, rational) are the classes of `meta/gates.py`.
+
+`per_coordinate` (gate=meta_sgd, Meta-SGD's per-coordinate learning rates, Li et al. 2017): two learned offsets per
+coordinate, zero at init, added to the network's outputs: c_i to o_i (a log-step: the step is a·m(o_i + c_i)) and
+c_d to o_f and o_z (a log-decay). The rule starts exactly at Krause's; `pull` decays the offsets toward zero after
+each optimizer step (c ← (1 − lr·pull)·c), so a coordinate keeps a correction only while the meta-gradient holds it.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class MetaLearner(nn.Module):
                  features: Sequence[str] = ("theta", "delta", "grad", "loss"), param: str = "paper",
                  flush: bool = True, embed_dim: int = 0, lr: float = 1e-3, lamb: float = 0.002, eps: float = 2e-5,
                  lamb0: float = 1e-3, rms_scale: bool = True, gate_bias: float = 10.0, init_scale: float = 1e-3,
-                 clamp: float = 5.0) -> None:
+                 clamp: float = 5.0, per_coordinate: bool = False, pull: float = 0.0, n_coords: int = 0) -> None:
         super().__init__()
         unknown = [f for f in features if f not in FEATURE_WIDTH]
         needs_krause = [f for f in features if f in ("gnorm", "dnorm")] if param not in KRAUSE_FORMS else []
@@ -81,6 +86,10 @@ class MetaLearner(nn.Module):
                              f"param={param!r} (paper|krause|rational), activation={activation!r} "
                              f"({list(ACTIVATIONS)}), hidden={list(hidden)} (positive layer widths; [] for a linear "
                              "gate)")
+        if per_coordinate and (param not in KRAUSE_FORMS or n_coords < 1 or pull < 0):
+            raise ValueError(f"bad meta-learner config: gate.per_coordinate needs param krause|rational (got "
+                             f"{param!r}), the number of dynamic coordinates (got {n_coords}) and gate.pull >= 0 "
+                             f"(got {pull})")
         self.features, self.param, self.flush = tuple(features), param, flush
         # how the outputs become gates (meta/gates.py): plain objects, no parameters of their own
         self.form = FORMS[param](lr=lr, flush=flush, lamb=lamb, eps=eps, lamb0=lamb0, rms_scale=rms_scale,
@@ -93,6 +102,10 @@ class MetaLearner(nn.Module):
         self.embed = nn.Embedding(n_tensors, embed_dim) if embed_dim > 0 else None
         # the per-tensor bias enters the first linear map (`first`)
         self.embed_proj = nn.Linear(embed_dim, self.first.out_features, bias=False) if self.embed is not None else None
+        # Meta-SGD offsets [P] each (two tensors, not one [2, P]: a row's backward would fill a [2, P] zero tensor)
+        self.coord_step = nn.Parameter(torch.zeros(n_coords)) if per_coordinate else None
+        self.coord_decay = nn.Parameter(torch.zeros(n_coords)) if per_coordinate else None
+        self.pull = float(pull)
         with torch.no_grad():
             self.form.init_output(self.out)  # krause forms: exactly Krause's rule; paper: near COPY
             if self.embed is not None:
@@ -130,6 +143,20 @@ class MetaLearner(nn.Module):
             ctx.update(self.form.context(dyn, self.features))
         self._ctx = (id(dyn), ctx)
         return ctx
+
+    def _inputs(self, dyn: Any) -> dict[str, Tensor]:
+        """The per-coordinate inputs of the gates [P] each: the constants, and the Meta-SGD offsets (learned)."""
+        ctx = self._context(dyn)
+        if self.coord_step is None:
+            return ctx
+        return {**ctx, "c_step": self.coord_step, "c_decay": self.coord_decay}
+
+    @torch.no_grad()
+    def pull_(self, lr: float) -> None:
+        """The pull of the Meta-SGD offsets toward their initialisation (zero), after an optimizer step of φ."""
+        if self.coord_step is not None and self.pull > 0:
+            for c in (self.coord_step, self.coord_decay):
+                c.mul_(1.0 - lr * self.pull)
 
     def features_of(self, theta: Tensor, grad: Tensor, loss: Tensor, theta0: Tensor,
                     ctx: dict[str, Tensor]) -> Tensor:
@@ -176,6 +203,8 @@ class MetaLearner(nn.Module):
     def to_gates(self, o_f: Tensor, o_i: Tensor, o_z: Tensor,
                  ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
         """The network's outputs o [..., n] -> gates (f, i, z) under the parametrization `param`."""
+        if "c_step" in ctx:  # Meta-SGD: the per-coordinate log-step and log-decay offsets
+            o_i, o_f, o_z = o_i + ctx["c_step"], o_f + ctx["c_decay"], o_z + ctx["c_decay"]
         return self.form.gates(o_f, o_i, o_z, ctx)
 
     def _bias1(self) -> Tensor:
@@ -185,7 +214,7 @@ class MetaLearner(nn.Module):
         return self.first.bias + self.embed_proj(self.embed.weight)
 
     def forward(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-        ctx = self._context(dyn)
+        ctx = self._inputs(dyn)
         bias = self._bias1()
         if self.embed is None:
             f, i, z = self._gates(theta, grad, loss, dyn.theta0, ctx, bias)
@@ -211,7 +240,7 @@ class MetaLearner(nn.Module):
         """
         if self.fused:  # θ [P] or [B, P]
             return self.fused_apply_(theta, grad, loss, dyn, stats)
-        ctx = self._context(dyn)
+        ctx = self._inputs(dyn)
         bias = self._bias1()
         sums = theta.new_zeros(3, len(dyn.spec.sizes))
         for k, (s0, n) in enumerate(offsets(dyn.spec.sizes)):
@@ -275,14 +304,17 @@ class MetaLearner(nn.Module):
         """θ_t = f⊙θ + i⊙∇L + z⊙θ_0 over the flat [P], differentiable, compiled tensor by tensor (meta-training
         with gate.fused / eval.fused_gate): inductor fuses the forward into one loop and writes a backward that
         recomputes the pointwise network instead of storing [P, H] activations."""
-        ctx = self._context(dyn)
+        ctx = self._inputs(dyn)
         bias = self._bias1()
         if getattr(self, "_compiled_new", None) is None:
             self._compiled_new = _compile(self._fused_new)
         loss = loss.reshape(()).to(theta.dtype)
-        parts = [self._compiled_new(theta[s : s + n], grad[s : s + n], loss, dyn.theta0[s : s + n],
-                                    {key: v[s : s + n] for key, v in ctx.items()},
-                                    bias if self.embed is None else bias[k])
+        # split, not slices, of what has a gradient (θ, the Meta-SGD offsets): a slice's backward writes its gradient
+        # into a zero-filled [P] tensor, one per parameter tensor (a fill and an add over all P each); split's is a cat
+        thetas = theta.split(dyn.spec.sizes)
+        ctxs = {key: v.split(dyn.spec.sizes) for key, v in ctx.items()}
+        parts = [self._compiled_new(thetas[k], grad[s : s + n], loss, dyn.theta0[s : s + n],
+                                    {key: v[k] for key, v in ctxs.items()}, bias if self.embed is None else bias[k])
                  for k, (s, n) in enumerate(offsets(dyn.spec.sizes))]
         sums = torch.stack([p[1] for p in parts]).sum(0) / dyn.spec.numel
         self.last_gates = {"f": sums[0], "i": sums[1], "z": sums[2]}
@@ -318,7 +350,7 @@ class MetaLearner(nn.Module):
         Compiled once per input rank with symbolic sizes (dynamic=True); the first call compiles (seconds to tens
         of seconds on a CPU).
         """
-        ctx = self._context(dyn)
+        ctx = self._inputs(dyn)
         bias = self._bias1()
         name = "_compiled" if stats else "_compiled_nostats"
         if getattr(self, name, None) is None:
@@ -362,9 +394,11 @@ def _compile(fn: Any) -> Any:
     return torch.compile(fn, dynamic=True, options={"cpp.enable_floating_point_contract_flag": "fast"})
 
 
-def build_meta_learner(gate_cfg: dict[str, Any], n_tensors: int, flush: bool | None = None) -> MetaLearner:
-    """From the `gate` config group (conf/gate/*.yaml); `flush` overrides gate.flush when given."""
+def build_meta_learner(gate_cfg: dict[str, Any], n_tensors: int, flush: bool | None = None,
+                       n_coords: int = 0) -> MetaLearner:
+    """From the `gate` config group (conf/gate/*.yaml); `flush` overrides gate.flush when given; `n_coords`: the
+    number of dynamic coordinates P (what gate.per_coordinate's offsets need)."""
     kw = {k: v for k, v in gate_cfg.items() if k not in ("name",) and not k.startswith("_")}
     if flush is not None:
         kw["flush"] = flush
-    return MetaLearner(n_tensors, **kw)
+    return MetaLearner(n_tensors, **kw, n_coords=n_coords)

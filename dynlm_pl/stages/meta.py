@@ -72,9 +72,14 @@ def baselines(lm: Backbone, dyn: DynamicWeights, tokens: Tensor, cfg: DictConfig
     hps = {"static": {}, "sgd": tuned["sgd"]["hparams"] if "sgd" in tuned else {"lr": b.sgd_lr},
            "rms": tuned["rms"]["hparams"] if "rms" in tuned else {"lr": b.rms_lr, "lamb": b.rms_lamb,
                                                                    "eps": b.rms_eps}}
-    methods = ["static", "sgd"] + (["rms"] if dyn.ms is not None else [])
-    return {k: float(adaptive_eval(lm, tokens, build_rule(k, hps[k], dyn), int(cfg.meta.segment), dyn,
-                                   max_drift=cfg.eval.get("max_drift")).mean())
+    if "rms_pt" in tuned:
+        hps["rms_pt"] = tuned["rms_pt"]["hparams"]
+    methods = ["static", "sgd"] + (["rms"] if dyn.ms is not None else []) + (["rms_pt"] if "rms_pt" in hps else [])
+    # the tuned rules' losses on the whole selection slice at eval.segment are in tuned.json already
+    same = tokens.numel() == int(cfg.eval.tune.tokens) and int(cfg.meta.segment) == int(cfg.eval.segment)
+    return {k: float(tuned[k]["tune_loss"]) if same and k in tuned else
+            float(adaptive_eval(lm, tokens, build_rule(k, hps[k], dyn), int(cfg.meta.segment), dyn,
+                                max_drift=cfg.eval.get("max_drift")).mean())
             for k in methods}
 
 
@@ -133,7 +138,9 @@ def _start_gate(cfg: DictConfig, out: Path, lm: Backbone, lm_sha: str, art: Fish
     """Set the gate's starting rule from the tuned baselines (tuned.json, tuned now if needed): the better of sgd and
     rms for the residual gates, the sgd step for gate=paper without gate.lr. Returns the tuning (None if unused)."""
     if gate.get("param") in KRAUSE_FORMS and cfg.meta.get("init_from_tuned", True):
-        tuned = tuned_baselines(cfg, out, lm, valid, DynamicWeights.build(lm, fisher_art=art), lm_sha, ["sgd", "rms"])
+        # meta.tune_rms_pt: also the per-group rule (the yardstick evaluate.py compares φ with), shown next to φ
+        methods = ["sgd", "rms"] + (["rms_pt"] if cfg.meta.get("tune_rms_pt", False) else [])
+        tuned = tuned_baselines(cfg, out, lm, valid, DynamicWeights.build(lm, fisher_art=art), lm_sha, methods)
         start_from_tuned(gate, tuned)
         return tuned
     if gate.get("param") == "paper" and gate.get("lr") is None:
@@ -218,6 +225,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     init = module.adaptive_loss(val)
     print("[meta] validation slice (" + f"{val.numel()} tokens) ppl: "
           + ", ".join(f"{k} {_ppl(v):.2f}" for k, v in base.items()) + f", meta@init {_ppl(init):.2f}")
+    module.baseline_ppl = {k: _ppl(v) for k, v in base.items()}
     # φ at initialization is a candidate too: with gate=krause_init it IS Krause's rule, which meta.ckpt
     # must never do worse than on the validation slice.
     init_ckpt = {"hyper_parameters": dict(module.hparams), "dynamic_names": list(module.dyn.spec.names),

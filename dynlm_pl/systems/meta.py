@@ -42,7 +42,7 @@ class MetaTrainModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold φ only, not the (frozen) LM
         self.lm = freeze(lm.eval())
         self.dyn = dyn
-        self.meta = build_meta_learner(gate, len(dyn.spec.names))
+        self.meta = build_meta_learner(gate, len(dyn.spec.names), n_coords=dyn.spec.numel)
         self.rule = GateRule(self.meta, dyn)
         self.unroller()  # refuse a bad order or EWC setting now
         self._theta: Tensor | None = None
@@ -53,6 +53,9 @@ class MetaTrainModule(L.LightningModule):
         # / RNG restored from last.ckpt for the next step.
         self._pass_tokens = 0
         self._pending: dict[str, Any] | None = None
+        # The hand-designed rules' perplexities on the selection slice (set by the meta stage): logged next to φ's
+        # at every validation, the lines a dashboard draws it against
+        self.baseline_ppl: dict[str, float] = {}
 
     def unroller(self) -> Unroller:
         """The inner loop over the current rule (built per call: tests and benches swap `rule`), inside the trust
@@ -116,6 +119,7 @@ class MetaTrainModule(L.LightningModule):
         if ok:
             gnorm = torch.nn.utils.clip_grad_norm_(self.meta.parameters(), hp.clip or float("inf"))
             opt.step()
+            self.meta.pull_(hp.lr)  # gate.per_coordinate: the offsets' pull toward their initialisation
             self.log("train/grad_norm", gnorm, on_step=True)
         else:  # NaN/inf guard: drop this update, restart the weights from θ_0
             self.skipped += 1
@@ -136,6 +140,10 @@ class MetaTrainModule(L.LightningModule):
                        "gates/f": g.get("f", 1.0), "gates/i": g.get("i", 0.0), "gates/z": g.get("z", 0.0)},
                       prog_bar=False, on_step=True)
         self.log("meta_loss", loss.detach(), prog_bar=True, logger=False)
+        # tokens of meta-training data read so far, over all streams and ranks
+        seen = self.n_unrolls * n_tok * self.trainer.world_size
+        self.log("tokens", float(seen), prog_bar=True, logger=False)
+        self.log("train/tokens", float(seen), on_step=True)
         return loss.detach()
 
     # -- validation: adaptive evaluation of the current φ -----------------------------------------------
@@ -143,6 +151,8 @@ class MetaTrainModule(L.LightningModule):
         loss = self.adaptive_loss(batch)  # the selection slice [N]
         self.log_dict({"val/adaptive_loss": loss, "val/adaptive_ppl": math.exp(min(loss, 50.0))}, prog_bar=True,
                       batch_size=1)
+        if self.baseline_ppl:  # φ against the tuned rules on the same slice (constant lines)
+            self.log_dict({f"val/{k}_ppl": v for k, v in self.baseline_ppl.items()}, prog_bar=False, batch_size=1)
 
     def adaptive_loss(self, tokens: Tensor) -> float:
         """Mean token loss of adaptive evaluation (batch 1, score then update) over `tokens` [N]."""
