@@ -60,6 +60,8 @@ class Trials:
     def __init__(self, method: str, pool: Any | None, workers: int = 1) -> None:
         self.method, self.pool, self.workers = method, pool, workers
         self.records: list[dict[str, Any]] = []  # {**hp, "loss", "seconds"} in the order they ran
+        # trials run so far, and the best selection ppl: a searches' length is not known in advance
+        self.bar = tqdm(desc=f"tune {method}", unit="trial", leave=False)
 
     def _known(self, hp: dict[str, float]) -> float | None:
         for t in self.records:
@@ -75,6 +77,9 @@ class Trials:
             results = [_trial(self.method, hp) for hp in new]
         for hp, (loss, sec) in zip(new, results, strict=True):
             self.records.append({**hp, "loss": loss, "seconds": sec})
+        if new:
+            self.bar.update(len(new))
+            self.bar.set_postfix(best_ppl=f"{math.exp(min(self.best()['loss'], 50.0)):.2f}")
         return [self._known(hp) for hp in hps]  # type: ignore[misc]
 
     def best(self) -> dict[str, Any]:
@@ -146,6 +151,7 @@ def _tune(grid: Mapping[str, Any], segment: int, methods: list[str], has_ms: boo
 
     def finish(method: str, trials: Trials, hp: dict[str, float]) -> None:
         best[method] = {"hparams": hp, "tune_loss": trials([hp])[0], "trials": trials.records}
+        trials.bar.close()
         print(f"[tune] {method} on {n_tokens:,} selection tokens ({len(trials.records)} trials, "
               f"{sum(t['seconds'] for t in trials.records):.0f} trial-seconds): {hp} "
               f"(ppl {math.exp(min(best[method]['tune_loss'], 50.0)):.2f})", flush=True)
@@ -153,13 +159,13 @@ def _tune(grid: Mapping[str, Any], segment: int, methods: list[str], has_ms: boo
 
     if "sgd" in methods:
         trials = Trials("sgd", *pool)
-        _grid(trials, [{"lr": float(v)} for v in grid["sgd_lr"]], "sgd")
+        _grid(trials, [{"lr": float(v)} for v in grid["sgd_lr"]])
         hp = compass_search(_hp(trials.best()), trials, [["lr"]], step, rounds, {})
         finish("sgd", trials, hp)
     zero_to = {"lamb": min((v for v in lambs if v > 0), default=0.0)}
     if has_ms and ("rms" in methods or "rms_pt" in methods) and "rms" not in best:
         trials = Trials("rms", *pool)
-        _grid(trials, [{"lr": a, "lamb": b, "eps": eps} for b, a in itertools.product(lambs, lrs)], "rms")
+        _grid(trials, [{"lr": a, "lamb": b, "eps": eps} for b, a in itertools.product(lambs, lrs)])
         hp = compass_search(_hp(trials.best()), trials, [["lr", "lamb"]], step, rounds, zero_to)
         finish("rms", trials, hp)
     if has_ms and "rms_pt" in methods:
@@ -180,10 +186,10 @@ def _tune_per_group(rms: dict[str, float], pool: tuple[Any | None, int], grid: M
     return hp, trials
 
 
-def _grid(trials: Trials, space: list[dict[str, float]], name: str) -> None:
-    """Evaluate a grid, `workers` points at a time (a progress bar per batch)."""
+def _grid(trials: Trials, space: list[dict[str, float]]) -> None:
+    """Evaluate a grid, `workers` points at a time."""
     n = trials.workers
-    for k in tqdm(range(0, len(space), n), desc=f"tune {name} grid ({len(space)} points)", leave=False):
+    for k in range(0, len(space), n):
         trials(space[k : k + n])
 
 
