@@ -249,6 +249,33 @@ def test_rational_gate_matches_its_formula(per_coordinate: bool) -> None:
         MetaLearner(3, hidden=[], features=["theta", "gnorm"], param="paper")
 
 
+def test_drift_feature_is_the_relative_distance_from_theta0_per_stream() -> None:
+    """The `drift` feature: log(‖θ − θ_0‖ / ‖θ_0‖ + 1e-6) / 10, the same for every coordinate of a stream and its
+    own for each stream; eager and compiled updates agree with it in the features."""
+    model = tiny_lm(50)
+    dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    meta = MetaLearner(len(dyn.spec.names), hidden=[], features=["theta", "dnorm", "drift"], param="rational",
+                       lr=1e-2, lamb=0.05)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        meta.out.weight.copy_(torch.randn(3, 3, generator=g))
+    far, near = (dyn.theta0 + s * torch.randn(dyn.theta0.shape, generator=g) for s in (1e-1, 1e-4))
+    theta = torch.stack([far, near])
+    grad, loss = 1e-2 * torch.randn(theta.shape, generator=g), torch.tensor([4.0, 3.0])
+    cols = meta.feature_columns(theta, grad, loss, dyn.theta0, meta._inputs(dyn, theta))
+    for b, th in enumerate((far, near)):
+        want = math.log(float((th - dyn.theta0).norm() / dyn.theta0.norm()) + 1e-6) / 10
+        assert torch.allclose(cols[2][b], torch.full_like(cols[2][b], want), rtol=1e-5)
+    assert float(cols[2][0, 0]) > float(cols[2][1, 0])  # the stream that wandered further reads a larger drift
+    outs = []
+    for fused in (False, True):
+        meta.fused = fused
+        th = theta.clone()
+        GateRule(meta, dyn).update_(th, grad, loss)
+        outs.append(th)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-7)
+
+
 def test_dynamic_selection_and_streams(stream: tuple[Tensor, int]) -> None:
     tokens, vocab = stream
     model = tiny_lm(vocab)
@@ -293,8 +320,9 @@ def double_module(vocab: int, order: int, checkpointing: bool = False, unroll: i
     dyn = DynamicWeights.build(model, fisher_art=art)
     gate = dict(param="paper", hidden=[6], features=["theta", "delta", "grad", "loss", "fisher"], embed_dim=2,
                 lr=0.3, gate_bias=3.0, init_scale=0.5)
-    if param in ("rational", "meta_sgd"):  # gate=krause_fast's form, on a small MLP (its last layer starts at zero)
-        gate = dict(param="rational", hidden=[6], features=FORM_FEATURES["rational"], embed_dim=2, lr=0.3,
+    if param in ("rational", "meta_sgd", "drift"):  # gate=krause_fast's form on a small MLP (last layer at zero)
+        feats = [*FORM_FEATURES["rational"], *(["drift"] if param == "drift" else [])]
+        gate = dict(param="rational", hidden=[6], features=feats, embed_dim=2, lr=0.3,
                     lamb=0.05, clamp=20.0, per_coordinate=param == "meta_sgd", pull=1.0)
     module = MetaTrainModule(model, dyn, gate, segment=SEG, unroll=unroll, order=order, checkpointing=checkpointing)
     module.meta.double()
@@ -643,7 +671,7 @@ def _phi_grad(module: MetaTrainModule, unroller: Unroller, chunk: Tensor, resets
 
 @pytest.mark.parametrize(("param", "streams", "ewc", "reset"), [
     ("paper", 1, 0.0, False), ("rational", 1, 0.0, False), ("paper", 2, 0.5, True), ("rational", 1, 0.5, True),
-    ("meta_sgd", 1, 0.0, True)])
+    ("meta_sgd", 1, 0.0, True), ("drift", 2, 0.0, True)])
 def test_fast_first_order_equals_autograd_with_the_hidden_path_detached(stream: tuple[Tensor, int], param: str,
                                                                        streams: int, ewc: float, reset: bool) -> None:
     """FastFirstOrder (the gates' vector-Jacobian products only) gives autograd's first-order meta-gradient when

@@ -15,6 +15,8 @@ Features per coordinate (`features`, in this order):
   gnorm   softsign(∇L_t / (RMS+ε)): the gradient in units of its training-set RMS    1
   dnorm   softsign((θ_{t-1} − θ_0) / (10·|a|)): the drift in units of 10 of Krause's steps a   1
           (gnorm/dnorm: scale-free like log_sign but transcendental-free; param krause|rational only)
+  drift   log(‖θ_{t-1} − θ_0‖ / ‖θ_0‖ + 1e-6) / 10, one per stream: how far the weights have wandered in all  1
+          (with `loss`, what a FLUSH can react to at a topic change; a constant of the meta-gradient, like L_t)
 plus, with `embed_dim > 0`, a learned embedding of the parameter tensor the coordinate belongs to
 (enters as a per-tensor bias of the first layer: no [P, embed_dim] tensor is built).
 
@@ -44,9 +46,11 @@ from torch import Tensor, nn
 
 from dynlm_pl.meta.gates import FORMS
 from dynlm_pl.meta.rules import gated_update
-from dynlm_pl.meta.weights import offsets
+from dynlm_pl.meta.weights import drift_norm, offsets
 
-FEATURE_WIDTH = {"theta": 1, "delta": 2, "grad": 2, "loss": 1, "fisher": 1, "rms": 1, "gnorm": 1, "dnorm": 1}
+FEATURE_WIDTH = {"theta": 1, "delta": 2, "grad": 2, "loss": 1, "fisher": 1, "rms": 1, "gnorm": 1, "dnorm": 1,
+                 "drift": 1}
+SCALARS = ("drift",)  # per-stream inputs (a scalar, or [B]): never sliced with the coordinates
 KRAUSE_FORMS = tuple(k for k, form in FORMS.items() if form.needs_ms)  # residuals around Krause's rule
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -113,6 +117,7 @@ class MetaLearner(nn.Module):
                 if not len(self.layers):  # linear gate: the embedding adds to the output, which starts as set above
                     self.embed_proj.weight.zero_()
         self._ctx: tuple[int, dict[str, Tensor]] | None = None
+        self._norm0: tuple[int, float] | None = None  # ‖θ_0‖ of the DynamicWeights it was computed for (drift)
         self.last_gates: dict[str, Tensor] = {}
         # Not a hyperparameter (set from eval.fused_gate / meta.fused_gate): `apply_` and GateRule.update run as
         # torch.compile'd passes over θ instead of eager chunks / whole-vector ops.
@@ -144,12 +149,23 @@ class MetaLearner(nn.Module):
         self._ctx = (id(dyn), ctx)
         return ctx
 
-    def _inputs(self, dyn: Any) -> dict[str, Tensor]:
-        """The per-coordinate inputs of the gates [P] each: the constants, and the Meta-SGD offsets (learned)."""
+    def _inputs(self, dyn: Any, theta: Tensor) -> dict[str, Tensor]:
+        """The inputs of the gates besides θ, ∇L and L: per coordinate [P] the constants and the Meta-SGD offsets
+        (learned); per stream (SCALARS, a scalar or [B] like L) the drift of θ [P] or [B, P]."""
         ctx = self._context(dyn)
-        if self.coord_step is None:
-            return ctx
-        return {**ctx, "c_step": self.coord_step, "c_decay": self.coord_decay}
+        if self.coord_step is not None:
+            ctx = {**ctx, "c_step": self.coord_step, "c_decay": self.coord_decay}
+        if "drift" in self.features:  # relative to ‖θ_0‖ (scale-free), detached: a constant of the meta-gradient
+            if self._norm0 is None or self._norm0[0] != id(dyn):
+                self._norm0 = (id(dyn), float(dyn.theta0.detach().double().norm()))
+            rel = drift_norm(theta, dyn.theta0) / self._norm0[1]
+            ctx = {**ctx, "drift": (torch.log(rel + 1e-6) / 10.0).to(theta.dtype)}
+        return ctx
+
+    @staticmethod
+    def _slice(ctx: dict[str, Tensor], s: int, e: int) -> dict[str, Tensor]:
+        """The inputs of coordinates s..e-1: per-coordinate tensors sliced, per-stream scalars as they are."""
+        return {k: v if k in SCALARS else v[s:e] for k, v in ctx.items()}
 
     @torch.no_grad()
     def pull_(self, lr: float) -> None:
@@ -179,6 +195,9 @@ class MetaLearner(nn.Module):
             elif f == "dnorm":  # softsign(u/v) = u/(v + |u|) for v = 10|a| > 0: one division, not two
                 u = theta - theta0
                 cols.append(u / (10.0 * self.form.coefficients(ctx)[0].abs() + u.abs()))
+            elif f == "drift":
+                d = ctx["drift"]  # a scalar, or [B]
+                cols.append(d.reshape(*d.shape, *([1] * (theta.dim() - d.dim()))).expand_as(theta))
             elif f == "loss":
                 cols.append((loss.reshape(*loss.shape, *([1] * (theta.dim() - loss.dim()))) / 10.0).expand_as(theta))
             else:
@@ -214,13 +233,13 @@ class MetaLearner(nn.Module):
         return self.first.bias + self.embed_proj(self.embed.weight)
 
     def forward(self, theta: Tensor, grad: Tensor, loss: Tensor, dyn: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-        ctx = self._inputs(dyn)
+        ctx = self._inputs(dyn, theta)
         bias = self._bias1()
         if self.embed is None:
             f, i, z = self._gates(theta, grad, loss, dyn.theta0, ctx, bias)
         else:  # a per-tensor bias of layer 1: run tensor by tensor (no [P, embed_dim] tensor is built)
             parts = [self._gates(*(t.narrow(-1, s, n) for t in (theta, grad)), loss, dyn.theta0.narrow(0, s, n),
-                                 {k: v.narrow(0, s, n) for k, v in ctx.items()}, bias[k])
+                                 self._slice(ctx, s, s + n), bias[k])
                      for k, (s, n) in enumerate(offsets(dyn.spec.sizes))]
             f, i = (torch.cat([p[j] for p in parts], dim=-1) for j in (0, 1))
             z = torch.cat([p[2] for p in parts], dim=-1) if self.flush else None
@@ -240,7 +259,7 @@ class MetaLearner(nn.Module):
         """
         if self.fused:  # θ [P] or [B, P]
             return self.fused_apply_(theta, grad, loss, dyn, stats)
-        ctx = self._inputs(dyn)
+        ctx = self._inputs(dyn, theta)
         bias = self._bias1()
         sums = theta.new_zeros(3, len(dyn.spec.sizes))
         for k, (s0, n) in enumerate(offsets(dyn.spec.sizes)):
@@ -248,7 +267,7 @@ class MetaLearner(nn.Module):
             for s in range(s0, s0 + n, chunk):
                 e = min(s + chunk, s0 + n)
                 th, g, th0 = theta[s:e], grad[s:e], dyn.theta0[s:e]
-                f, i, z = self._gates(th, g, loss, th0, {key: v[s:e] for key, v in ctx.items()}, b)
+                f, i, z = self._gates(th, g, loss, th0, self._slice(ctx, s, e), b)
                 sums[0, k] += f.sum()
                 sums[1, k] += i.sum()
                 if z is not None:
@@ -304,7 +323,7 @@ class MetaLearner(nn.Module):
         """θ_t = f⊙θ + i⊙∇L + z⊙θ_0 over the flat [P], differentiable, compiled tensor by tensor (meta-training
         with gate.fused / eval.fused_gate): inductor fuses the forward into one loop and writes a backward that
         recomputes the pointwise network instead of storing [P, H] activations."""
-        ctx = self._inputs(dyn)
+        ctx = self._inputs(dyn, theta)
         bias = self._bias1()
         if getattr(self, "_compiled_new", None) is None:
             self._compiled_new = _compile(self._fused_new)
@@ -312,7 +331,7 @@ class MetaLearner(nn.Module):
         # split, not slices, of what has a gradient (θ, the Meta-SGD offsets): a slice's backward writes its gradient
         # into a zero-filled [P] tensor, one per parameter tensor (a fill and an add over all P each); split's is a cat
         thetas = theta.split(dyn.spec.sizes)
-        ctxs = {key: v.split(dyn.spec.sizes) for key, v in ctx.items()}
+        ctxs = {key: v.split(dyn.spec.sizes) if v.dim() else [v] * len(dyn.spec.sizes) for key, v in ctx.items()}
         parts = [self._compiled_new(thetas[k], grad[s : s + n], loss, dyn.theta0[s : s + n],
                                     {key: v[k] for key, v in ctxs.items()}, bias if self.embed is None else bias[k])
                  for k, (s, n) in enumerate(offsets(dyn.spec.sizes))]
@@ -350,7 +369,7 @@ class MetaLearner(nn.Module):
         Compiled once per input rank with symbolic sizes (dynamic=True); the first call compiles (seconds to tens
         of seconds on a CPU).
         """
-        ctx = self._inputs(dyn)
+        ctx = self._inputs(dyn, theta)
         bias = self._bias1()
         name = "_compiled" if stats else "_compiled_nostats"
         if getattr(self, name, None) is None:
@@ -369,7 +388,7 @@ class MetaLearner(nn.Module):
             for s in range(s0, s0 + n, span):
                 e = min(s + span, s0 + n)
                 out = step(theta[..., s:e], grad[..., s:e], losses, dyn.theta0[s:e],
-                           {key: v[s:e] for key, v in ctx.items()}, b1)
+                           self._slice(ctx, s, e), b1)
                 if stats:
                     acc += out
             sums.append(acc)
