@@ -93,6 +93,15 @@ def test_the_readme_quotes_the_smoke_run_verbatim() -> None:
     assert table in (SCRIPT.parents[1] / "README.md").read_text()
 
 
+def test_the_readme_quotes_the_wikitext2_run_verbatim() -> None:
+    """README.md's WikiText-2 results are this script's output for bench/results/wikitext2_cpu/results.json: the
+    whole test split, every method with its intervals."""
+    res = json.loads((SCRIPT.parent / "results" / "wikitext2_cpu" / "results.json").read_text())
+    table = results_table.render(res)
+    assert "| meta | 84.85 | +37.9% | 1.0179 [1.0147, 1.0210] | 1.0418 [1.0367, 1.0472] | 245,568 | 79 |" in table
+    assert table in (SCRIPT.parents[1] / "README.md").read_text()
+
+
 def test_ratio_columns_with_intervals_when_the_file_has_them(tmp_path: Path) -> None:
     """A results.json with paired-bootstrap ratios (evaluate.py's `vs`) gets a column per baseline it names."""
     res = json.loads(json.dumps(RESULTS))
