@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -274,6 +275,27 @@ def test_drift_feature_is_the_relative_distance_from_theta0_per_stream() -> None
         GateRule(meta, dyn).update_(th, grad, loss)
         outs.append(th)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-7)
+
+
+def test_a_meta_learner_that_compiled_its_passes_pickles() -> None:
+    """ddp_spawn pickles the LightningModule, and so φ, into its processes after the meta stage has evaluated φ at
+    init with the compiled passes: the copy leaves the compiled functions behind and updates θ as the original."""
+    model = tiny_lm(50)
+    dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    meta = MetaLearner(len(dyn.spec.names), hidden=[], features=FORM_FEATURES["rational"], param="rational", lr=1e-2,
+                       lamb=0.05)
+    meta.fused = True
+    theta = dyn.theta0 + 1e-3 * torch.randn_like(dyn.theta0)
+    grad, loss = 1e-2 * torch.randn_like(theta), torch.tensor(4.0)
+    want = theta.clone()
+    GateRule(meta, dyn).update_(want, grad, loss)  # compiles and caches
+    GateRule(meta, dyn).update(theta, grad, loss)
+    assert {"_compiled_nostats", "_compiled_new"} <= set(vars(meta))
+    clone = pickle.loads(pickle.dumps(meta))
+    assert not any(k.startswith("_compiled") for k in vars(clone))
+    got = theta.clone()
+    GateRule(clone, dyn).update_(got, grad, loss)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_dynamic_selection_and_streams(stream: tuple[Tensor, int]) -> None:

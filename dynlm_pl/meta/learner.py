@@ -123,6 +123,13 @@ class MetaLearner(nn.Module):
         # torch.compile'd passes over θ instead of eager chunks / whole-vector ops.
         self.fused = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the compiled passes (process-local functions, not picklable) and the cached constants: ddp_spawn
+        pickles the module into its processes, which compile and cache their own on first use."""
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_compiled")}
+        state.update(_ctx=None, _norm0=None)
+        return state
+
     @property
     def first(self) -> nn.Linear:
         """The first linear map: layers[0], or `out` itself for a linear gate (hidden=[])."""
