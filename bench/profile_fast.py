@@ -10,10 +10,9 @@ the evaluation update in place on a copy (the forward pass's), and the gate's ve
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
+from bench_gate import best_of
 from presets import preset
 
 from dynlm_pl.cli import keep_freed_memory
@@ -22,16 +21,6 @@ from dynlm_pl.meta.rules import GateRule
 from dynlm_pl.meta.scoring import score
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import AWDLSTM
-
-
-def best_of(fn: Callable[[], None], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

@@ -169,10 +169,10 @@ def test_debug_fast_limits_every_experiment(experiment: str, compose_cfg) -> Non
 def test_gate_preset_updates(gate: str, compose_cfg) -> None:
     """Each gate preset builds a meta-learner whose update (eager and compiled) runs on a tiny LM with fisher.pt's
     statistics, stays finite and moves θ; the residual forms start exactly at Krause's RMS rule."""
-    from test_meta import fake_fisher, tiny_lm
+    from test_meta import eager_and_compiled_updates, fake_fisher, tiny_lm
 
     from dynlm_pl.meta.learner import build_meta_learner
-    from dynlm_pl.meta.rules import GateRule, RMSRule
+    from dynlm_pl.meta.rules import RMSRule
     from dynlm_pl.meta.weights import DynamicWeights
     from dynlm_pl.stages.meta import gate_config
 
@@ -184,12 +184,7 @@ def test_gate_preset_updates(gate: str, compose_cfg) -> None:
     meta = build_meta_learner(g, len(dyn.spec.names), n_coords=dyn.spec.numel)
     theta = dyn.theta0 + 1e-3 * torch.randn_like(dyn.theta0)
     grad, loss = 1e-2 * torch.randn_like(theta), torch.tensor(4.0)
-    outs = []
-    for fused in (False, True):
-        meta.fused = fused
-        th = theta.clone()
-        GateRule(meta, dyn).update_(th, grad, loss)
-        outs.append(th)
+    outs = eager_and_compiled_updates(meta, dyn, theta, grad, loss)
     assert all(bool(torch.isfinite(o).all()) and not torch.equal(o, theta) for o in outs)
     assert torch.allclose(outs[0], outs[1], atol=1e-6, rtol=1e-5)
     if g["param"] != "paper":

@@ -268,13 +268,20 @@ def test_drift_feature_is_the_relative_distance_from_theta0_per_stream() -> None
         want = math.log(float((th - dyn.theta0).norm() / dyn.theta0.norm()) + 1e-6) / 10
         assert torch.allclose(cols[2][b], torch.full_like(cols[2][b], want), rtol=1e-5)
     assert float(cols[2][0, 0]) > float(cols[2][1, 0])  # the stream that wandered further reads a larger drift
+    eager, compiled = eager_and_compiled_updates(meta, dyn, theta, grad, loss)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)
+
+
+def eager_and_compiled_updates(meta: MetaLearner, dyn: DynamicWeights, theta: Tensor, grad: Tensor,
+                               loss: Tensor) -> tuple[Tensor, Tensor]:
+    """θ after one in-place update of `meta`'s rule, eager and then compiled (eval.fused_gate)."""
     outs = []
     for fused in (False, True):
         meta.fused = fused
         th = theta.clone()
         GateRule(meta, dyn).update_(th, grad, loss)
         outs.append(th)
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-7)
+    return outs[0], outs[1]
 
 
 def test_a_meta_learner_that_compiled_its_passes_pickles() -> None:
