@@ -216,14 +216,15 @@ class FastFirstOrder(Unroller):
             if i < len(starts) - 1:  # rebuild this group's tape (the last group's is the forward pass's)
                 k0, th, h = starts[i]
                 tape = []
-                tape = self._forward(chunk, resets, k0, min(self.unroll, k0 + g), th, h)[0]
+                tape = self._forward(chunk, resets, k0, min(self.unroll, k0 + g), th, h, totals=False)[0]
             a, theta_out = self._reverse(tape, a, theta_out, w, w_ewc)
         _all_reduce_grads(self.params)
         return (total / n_tok).to(theta.dtype), theta, hidden, n_tok
 
-    def _forward(self, chunk: Tensor, resets: Tensor | None, k0: int, k1: int, theta: Tensor,
-                 hidden: Any) -> tuple[list[Step], Tensor, Any, Tensor]:
-        """Steps k0..k1-1 as dynamic evaluation, keeping what each gate read: (tape, θ, hidden, summed loss + EWC)."""
+    def _forward(self, chunk: Tensor, resets: Tensor | None, k0: int, k1: int, theta: Tensor, hidden: Any,
+                 totals: bool = True) -> tuple[list[Step], Tensor, Any, Tensor]:
+        """Steps k0..k1-1 as dynamic evaluation, keeping what each gate read: (tape, θ, hidden, summed loss + EWC).
+        `totals=False` (a group's tape rebuilt in the reverse pass): the sum is already known, skip its EWC terms."""
         m, tape = self.segment, []
         total = theta.new_zeros((), dtype=torch.float64)
         for k in range(k0, k1):
@@ -245,7 +246,7 @@ class FastFirstOrder(Unroller):
             with torch.no_grad():  # the evaluation update, in place on a copy (the tape keeps θ_in)
                 theta = self.rule.update_(theta.clone(), grad, feat)
                 total += losses.detach().sum().double()
-                if self.ewc_lambda:
+                if self.ewc_lambda and totals:
                     total += float(self.dyn.ewc_penalty(theta, self.ewc_lambda)) * y.numel()
         return tape, theta, hidden, total
 
