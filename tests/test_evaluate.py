@@ -122,6 +122,7 @@ def test_results_json_fields(evaluated: tuple[DictConfig, dict, Path]) -> None:
     # rms_pt starts at the tuned rms rule (every group at its η, λ) and keeps only what lowers the loss
     pt = tuned["best"]["rms_pt"]
     assert all(pt["trials"][0][f"lr@{g}"] == rms["hparams"]["lr"] for g in groups)
+    assert pt["trials"][0]["loss"] == rms["tune_loss"] and pt["trials"][0]["seconds"] == 0  # rms's, not rerun
     assert pt["tune_loss"] == min(t["loss"] for t in pt["trials"]) <= rms["tune_loss"] + 1e-6
     assert r["tuning"]["rms_pt"]["trials"] == pt["trials"]  # every trial reported
     assert (out / "tuning.md").read_text().count("| ") > len(rms["trials"]) + len(pt["trials"])

@@ -87,7 +87,9 @@ class RMSRule(Rule):
     """Krause's RMS-scaled SGD with decay toward θ_0: θ ← θ − η∇/(RMS+ε) + d⊙(θ_0 − θ).
 
     Written as θ ← (1 − d)⊙θ + a⊙∇ + d⊙θ_0 with a, 1 − d and d⊙θ_0 precomputed, so one update is two
-    passes over P floats (addcmul into θ, then addcmul of the gradient) instead of five ops.
+    passes over P floats (addcmul into θ, then addcmul of the gradient) instead of five ops. The decay pass runs
+    only over the span of coordinates whose d > 0: none with λ = 0 (what tuning picks on WikiText-2), one group's
+    tensors for an rms_pt rule that decays one group — the same numbers, half the memory traffic or less.
     """
 
     def __init__(self, dyn: DynamicWeights, lr: float | Tensor, lamb: float | Tensor, eps: float) -> None:
@@ -96,12 +98,17 @@ class RMSRule(Rule):
         self.a, self.d = krause_coefficients(dyn.ms, dyn.spec, lr, lamb, eps)
         self.keep = 1.0 - self.d  # f = 1 − d
         self.pull = self.d * dyn.theta0  # z⊙θ_0, constant
+        decays = torch.nonzero(self.d > 0).flatten()
+        self.span = (int(decays[0]), int(decays[-1]) + 1) if decays.numel() else (0, 0)  # [lo, hi): where d > 0
 
     def update(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
         return torch.addcmul(self.pull, theta, self.keep).addcmul(self.a, grad)
 
     def update_(self, theta: Tensor, grad: Tensor, loss: Tensor) -> Tensor:
-        torch.addcmul(self.pull, theta, self.keep, out=theta)  # elementwise: out may alias an input
+        lo, hi = self.span
+        if hi > lo:
+            th = theta[..., lo:hi]
+            torch.addcmul(self.pull[lo:hi], th, self.keep[lo:hi], out=th)  # elementwise: out may alias an input
         return theta.addcmul_(self.a, grad)
 
 

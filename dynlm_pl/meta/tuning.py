@@ -93,8 +93,9 @@ def compass_search(hp: dict[str, float], trials: Evaluate, blocks: list[list[str
                    zero_to: Mapping[str, float], max_moves: int = 4) -> dict[str, float]:
     """Coordinate search in log space, one block of keys at a time: poll every key of the block ×step and ÷step
     (the poll points run in parallel), move to the best point that lowers the loss, up to `max_moves` times, then
-    the next block; each round takes √step. A key at 0 moves up to `zero_to[key]` (the grid's smallest positive
-    value): zero is a value the search can leave, not a fixed point."""
+    the next block; each round takes √step. A key at 0 polls `zero_to[key]` (the grid's smallest positive value)
+    and step times it: zero is a value the search can leave, not a fixed point (and, two points instead of one, a
+    poll from zero keeps both of two workers busy)."""
     best, best_loss = dict(hp), trials([hp])[0]
     for _ in range(rounds):
         for keys in blocks:
@@ -112,7 +113,8 @@ def compass_search(hp: dict[str, float], trials: Evaluate, blocks: list[list[str
 def _poll(hp: dict[str, float], key: str, step: float, zero_to: Mapping[str, float]) -> list[dict[str, float]]:
     v = hp[key]
     if v <= 0:
-        return [{**hp, key: float(zero_to[key])}] if zero_to.get(key, 0) > 0 else []
+        z = float(zero_to.get(key, 0))
+        return [{**hp, key: z}, {**hp, key: z * step}] if z > 0 else []
     return [{**hp, key: v * step}, {**hp, key: v / step}]
 
 
@@ -169,17 +171,20 @@ def _tune(grid: Mapping[str, Any], segment: int, methods: list[str], has_ms: boo
         hp = compass_search(_hp(trials.best()), trials, [["lr", "lamb"]], step, rounds, zero_to)
         finish("rms", trials, hp)
     if has_ms and "rms_pt" in methods:
-        hp, trials = _tune_per_group(best["rms"]["hparams"], pool, grid, zero_to["lamb"])
+        hp, trials = _tune_per_group(best["rms"], pool, grid, zero_to["lamb"])
         finish("rms_pt", trials, hp)
     return {m: best[m] for m in methods if m in best}
 
 
-def _tune_per_group(rms: dict[str, float], pool: tuple[Any | None, int], grid: Mapping[str, Any],
+def _tune_per_group(rms_tuned: dict[str, Any], pool: tuple[Any | None, int], grid: Mapping[str, Any],
                     lamb_from_zero: float) -> tuple[dict[str, float], Trials]:
-    """rms_pt: from the tuned rms rule (every group at its η, λ), a compass search over each group's (η, λ)."""
+    """rms_pt: from the tuned rms rule (every group at its η, λ), a compass search over each group's (η, λ). The
+    starting point is the rms rule itself: its loss is rms's (recorded with 0 seconds), not evaluated again."""
+    rms = rms_tuned["hparams"]
     groups = list(dict.fromkeys(_STATE["dyn"].spec.groups))
     hp = {"eps": rms["eps"], **{f"lr@{g}": rms["lr"] for g in groups}, **{f"lamb@{g}": rms["lamb"] for g in groups}}
     trials = Trials("rms_pt", *pool)
+    trials.records.append({**hp, "loss": float(rms_tuned["tune_loss"]), "seconds": 0.0})
     blocks = [[f"lr@{g}", f"lamb@{g}"] for g in groups]
     zero_to = {f"lamb@{g}": lamb_from_zero for g in groups}
     hp = compass_search(hp, trials, blocks, float(grid.get("pt_step", 2.0)), int(grid.get("pt_rounds", 1)), zero_to)
