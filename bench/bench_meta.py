@@ -4,7 +4,8 @@
 Modes: `off` (no checkpointing), `step` (each inner step a checkpoint region), `nested` (groups of
 √(U/2) steps rerun in backward, meta.checkpoint_group=auto), `fast` (meta.fast_first_order: the first-order
 meta-gradient from the gates' vector-Jacobian products, no second LM pass; `meta.unroll.FastFirstOrder`),
-`fast_nested` (the same in groups of √(U/2) steps whose LM passes the reverse pass reruns: less memory).
+`fast_nested` (the same in groups of √(U/2) steps whose LM passes the reverse pass reruns: less memory),
+`fast_sample` (fast with meta.reverse_sample=`--sample`: the reverse pass on that fraction of the coordinates).
 
 Ratios: tokens/s against static evaluation (`meta.scoring.static_losses`, bptt 70) measured in the same
 process, and against a memory roofline of 36 parameter-sized passes per inner step: an evaluation step
@@ -50,7 +51,7 @@ def child(argv: list[str]) -> None:
 
     unroll, mode, steps, threads, cap, hidden = int(argv[0]), argv[1], *map(int, argv[2:6])
     gate_name = argv[8]
-    fused, ck = argv[6] == "1", mode not in ("off", "fast")
+    fused, ck = argv[6] == "1", mode not in ("off", "fast", "fast_sample")
     nested = mode in ("nested", "fast_nested")
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     torch.set_num_threads(threads)
@@ -69,7 +70,8 @@ def child(argv: list[str]) -> None:
         dyn.fisher = dyn.ms
     m = MetaTrainModule(model, dyn, gate, segment=5, unroll=unroll, checkpointing=ck,
                         checkpoint_group=group_size("auto", unroll) if nested else 0,
-                        fast_first_order=mode.startswith("fast"))
+                        fast_first_order=mode.startswith("fast"),
+                        reverse_sample=float(argv[9]) if mode == "fast_sample" else 1.0)
     m.meta.fused = fused
     if fused:  # compile outside the timed region: one short unroll (nested: in groups of 2, both update paths)
         keep = dict(m.hparams)
@@ -125,7 +127,8 @@ def main() -> None:
                     help="gate preset (paper: its log-magnitude features make the update compute-bound)")
     ap.add_argument("--fused", action="store_true", help="meta.fused_gate: the compiled update")
     ap.add_argument("--modes", nargs="+", default=["nested", "step", "off"],
-                    choices=["nested", "step", "off", "fast", "fast_nested"])
+                    choices=["nested", "step", "off", "fast", "fast_nested", "fast_sample"])
+    ap.add_argument("--sample", type=float, default=1 / 16, help="fast_sample: meta.reverse_sample")
     ap.add_argument("--keep-freed", action="store_true",
                     help="glibc as train.py sets it (dynlm_pl.cli.keep_freed_memory) instead of RSS = live memory")
     args = ap.parse_args()
@@ -141,7 +144,8 @@ def main() -> None:
             t = time.time()
             out = subprocess.run([sys.executable, __file__, "--child", str(unroll), ck, str(args.steps),
                                   str(args.threads), str(int(args.mem_cap_gb * 2**30)), str(args.hidden),
-                                  "1" if args.fused else "0", "1" if args.keep_freed else "0", args.gate],
+                                  "1" if args.fused else "0", "1" if args.keep_freed else "0", args.gate,
+                                  str(args.sample)],
                                  capture_output=True, text=True, cwd=repo, env=env)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
             r = json.loads(lines[-1]) if lines else {"status": f"crashed (rc {out.returncode})"}
@@ -161,7 +165,8 @@ def main() -> None:
     print("|---:|:---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|")
     ref = {ck: r["peak_mb"] for u, ck, r in rows if u == 10 and r.get("status") == "ok"}
     for unroll, ck, r in rows:
-        name = f"{ck} (group {group_size('auto', unroll)})" if ck in ("nested", "fast_nested") else ck
+        name = f"{ck} (group {group_size('auto', unroll)})" if ck in ("nested", "fast_nested") else \
+            f"{ck} ({args.sample:g})" if ck == "fast_sample" else ck
         if r.get("status") == "ok":
             ratio = f"{r['peak_mb'] / ref[ck]:.2f}x" if ck in ref else "-"
             tps = r["tokens"] / r["seconds"]

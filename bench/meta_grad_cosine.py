@@ -3,6 +3,9 @@ from autograd's first-order one, on a trained run: the cosine between the two φ
 
     python bench/meta_grad_cosine.py --run runs/smoke --unroll 80 --segment 5 --chunks 8
 
+With `--sample F`: the fast gradient on every coordinate against its estimate from a fraction F of them
+(meta.reverse_sample: a fresh sample per chunk), instead of autograd's against the fast one.
+
 φ is the run's meta.ckpt (its lm.ckpt and fisher.pt); chunks are consecutive unrolls of the validation split past
 `--skip` tokens (the meta-training text of meta.data=valid), θ carried across them as in meta-training.
 """
@@ -41,24 +44,30 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--skip", type=int, default=2000, help="validation tokens before the first chunk")
     ap.add_argument("--data", help="a WikiText-2 directory (default: the smoke experiment's synthetic corpus)")
+    ap.add_argument("--sample", type=float, help="compare the fast gradient with its meta.reverse_sample estimate")
+    ap.add_argument("--fused", action="store_true", help="meta.fused_gate: the compiled update (model=small)")
     a = ap.parse_args()
     torch.manual_seed(0)
     lm, prov = artifacts.load_lm(a.run / "lm.ckpt")
     art = artifacts.load_fisher_optional(a.run, file_sha256(a.run / "lm.ckpt"))
     meta, dyn = artifacts.load_meta_for(a.run / "meta.ckpt", lm, file_sha256(a.run / "lm.ckpt"), art)
     meta.train()
+    meta.fused = a.fused
     rule, params = GateRule(meta, dyn), list(meta.parameters())
     args = (lm, rule, dyn, params, a.segment, a.unroll, 1, False, 0, 0.0)
     tokens = valid_tokens(prov, a.data)
     n = a.unroll * a.segment
     theta, hidden = dyn.theta0.clone(), lm.init_hidden(1)
-    print(f"`python {' '.join(sys.argv)}`\n\n| chunk | cosine(full, fast) | ‖fast‖ / ‖full‖ | meta-loss |")
+    ref, new = ("fast", f"sample {a.sample:g}") if a.sample else ("full", "fast")
+    print(f"`python {' '.join(sys.argv)}`\n\n| chunk | cosine({ref}, {new}) | ‖{new}‖ / ‖{ref}‖ | meta-loss |")
     print("|---:|---:|---:|---:|")
     cos_all = []
     for c in range(a.chunks):
         chunk = tokens[a.skip + c * n : a.skip + (c + 1) * n + 1][None]
         grads = []
-        for unroller in (Unroller(*args), FastFirstOrder(*args)):
+        pair = (FastFirstOrder(*args), FastFirstOrder(*args, sample=a.sample)) if a.sample else \
+            (Unroller(*args), FastFirstOrder(*args))
+        for unroller in pair:
             for p in params:
                 p.grad = None
             loss, th, hid, _ = unroller(chunk, None, theta, hidden)

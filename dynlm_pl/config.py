@@ -81,6 +81,11 @@ def check_config(cfg: DictConfig) -> DictConfig:
     v = OmegaConf.select(cfg, "meta.checkpoint_group", default=0)
     require(v == "auto" or (_is_int(v) and v >= 0), f"meta.checkpoint_group must be auto or an integer >= 0, "
             f"got {v!r}")
+    v = OmegaConf.select(cfg, "meta.reverse_sample", default=1.0)
+    require(_is_number(v) and 0 < v <= 1, f"meta.reverse_sample must be a fraction in (0, 1], got {v!r}")
+    require(v == 1 or bool(OmegaConf.select(cfg, "meta.fast_first_order", default=False)),
+            f"meta.reverse_sample={v} samples the coordinates of the fast first-order reverse pass: set "
+            "meta.fast_first_order=true with it, or meta.reverse_sample=1")
     _check_eval(cfg)
     m_seg, e_seg = OmegaConf.select(cfg, "meta.segment"), OmegaConf.select(cfg, "eval.segment")
     require(m_seg is None or e_seg is None or m_seg == e_seg

@@ -22,12 +22,21 @@ from dynlm_pl.artifacts import load_meta
 from dynlm_pl.data import Corpus
 from dynlm_pl.errors import DynlmError
 from dynlm_pl.fisher import FisherArtifact
+from dynlm_pl.meta import unroll as unroll_module
 from dynlm_pl.meta.gates import rational_exp
 from dynlm_pl.meta.learner import MetaLearner
 from dynlm_pl.meta.rules import GateRule, RecordingGateRule, RMSRule, Rule, build_rule
 from dynlm_pl.meta.scoring import adaptive_eval
 from dynlm_pl.meta.unroll import FastFirstOrder, Unroller, inner_step
-from dynlm_pl.meta.weights import DynamicWeights, drift_norm, select_dynamic, tensor_group
+from dynlm_pl.meta.weights import (
+    CoordinateSample,
+    DynamicSpec,
+    DynamicWeights,
+    drift_norm,
+    sample_coordinates,
+    select_dynamic,
+    tensor_group,
+)
 from dynlm_pl.models.awd_lstm import AWDLSTM, detach_hidden, lm_loss
 from dynlm_pl.runtime import make_datamodule
 from dynlm_pl.systems.meta import MetaTrainModule
@@ -731,3 +740,75 @@ def test_fast_first_order_equals_autograd_with_the_hidden_path_detached(stream: 
     l_ref = Unroller(*args)(chunk, None, theta, hidden)[0]
     l_fast = FastFirstOrder(*args)(chunk, None, theta, hidden)[0]
     assert float(l_fast) == pytest.approx(float(l_ref), rel=1e-12)
+
+@pytest.mark.parametrize(("param", "streams", "ewc", "group"), [
+    ("paper", 1, 0.5, 0), ("meta_sgd", 1, 0.0, 4), ("drift", 2, 0.5, 0)])
+def test_the_reverse_pass_on_sampled_coordinates_is_the_whole_pass_restricted_to_them(
+        stream: tuple[Tensor, int], monkeypatch: pytest.MonkeyPatch, param: str, streams: int, ewc: float,
+        group: int) -> None:
+    """meta.reverse_sample: the φ gradients of two samples that split the coordinates between them, each coordinate
+    weighted 1, add up to the whole reverse pass's (to float64 rounding): the restricted gates read the whole
+    vector's constants, Meta-SGD offsets, drift feature, EWC term, resets and B streams as the whole pass does. A
+    weight w scales a sample's contribution by w, and the meta-loss is the forward pass's, unchanged."""
+    tokens, vocab = stream
+    module = double_module(vocab, order=1, unroll=6, param=param)
+    chunk = torch.stack([tokens[b * 200 : b * 200 + 6 * SEG + 1] for b in range(streams)])
+    resets = torch.zeros(streams, 6, dtype=torch.bool)
+    resets[0, 3] = True
+    args = (module.lm, module.rule, module.dyn, list(module.meta.parameters()), SEG, 6, 1, group > 0, group, ewc)
+    whole = _phi_grad(module, FastFirstOrder(*args), chunk, resets)
+    spec = module.dyn.spec
+    owner = torch.repeat_interleave(torch.arange(len(spec.sizes)), torch.tensor(spec.sizes))
+    halves = []
+    for half, w in ((0, 1.0), (1, 1.0), (1, 2.0)):
+        keep = (torch.arange(spec.numel) // 3) % 2 == half
+        sample = CoordinateSample(torch.arange(spec.numel)[keep], torch.full((int(keep.sum()),), w),
+                                  torch.bincount(owner[keep], minlength=len(spec.sizes)).tolist())
+        monkeypatch.setattr(unroll_module, "sample_coordinates", lambda *_a, s=sample, **_k: s)
+        halves.append(_phi_grad(module, FastFirstOrder(*args, sample=0.5), chunk, resets))
+    for g, a, b, b2 in zip(whole, *halves, strict=True):
+        torch.testing.assert_close(a + b, g, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b2, 2 * b, rtol=1e-12, atol=1e-15)
+    assert all(float(torch.cat([g.flatten() for g in h]).abs().sum()) > 0 for h in halves)  # both carry part of it
+    theta, hidden = module.initial_state(streams)
+    l_whole = FastFirstOrder(*args)(chunk, None, theta, hidden)[0]
+    l_half = FastFirstOrder(*args, sample=0.5)(chunk, None, theta, hidden)[0]
+    assert float(l_half) == float(l_whole)
+
+
+def test_sample_coordinates_weights_each_coordinate_by_the_inverse_of_its_probability() -> None:
+    """Each tensor keeps ⌈fraction·n_blocks⌉ of its blocks (at least one; whole blocks but a tensor's last), the
+    indices ascend without repeats, and weight × indicator averages to 1 for every coordinate: the weighted sum over
+    a sample is an unbiased estimate of the sum over all coordinates. fraction 1 draws everything with weight 1."""
+    spec = DynamicSpec(("a", "b", "c"), (torch.Size([10, 7]), torch.Size([5]), torch.Size([33])))
+    gen = torch.Generator().manual_seed(0)
+    acc, n = torch.zeros(spec.numel, dtype=torch.float64), 4000
+    for _ in range(n):
+        s = sample_coordinates(spec, 0.3, block=4, generator=gen)
+        assert bool((s.index.diff() > 0).all()) and sum(s.sizes) == s.index.numel() == s.weight.numel()
+        assert s.sizes[0] in (24, 22) and s.sizes[1] in (4, 1) and s.sizes[2] in (12, 9)  # 6, 1 and 3 blocks
+        acc[s.index] += s.weight.double()
+    assert float((acc / n - 1).abs().max()) < 0.1  # 4.5 standard errors of the largest-variance coordinate
+    full = sample_coordinates(spec, 1.0, block=4)
+    assert torch.equal(full.index, torch.arange(spec.numel)) and bool((full.weight == 1).all())
+
+
+
+@pytest.mark.parametrize("lamb", ["none", "one group", "all"])
+def test_rms_update_in_place_equals_the_whole_vector_update(lamb: str) -> None:
+    """RMSRule.update_ runs its decay pass only over the coordinates with d > 0 (none for λ = 0, one group's span
+    for an rms_pt rule decaying one group): the same numbers as the out-of-place update over all of θ, for one
+    stream and for B streams."""
+    model = tiny_lm(30)
+    dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    groups = dict.fromkeys(dyn.spec.groups)
+    lam = {"none": dict.fromkeys(groups, 0.0), "all": dict.fromkeys(groups, 0.3),
+           "one group": {g: 0.3 if g == "rnns.0" else 0.0 for g in groups}}[lamb]
+    rule = RMSRule(dyn, 1e-3, dyn.spec.per_group(lam, dyn.theta0), 2e-5)
+    lo, hi = rule.span
+    assert {"none": hi == lo, "all": hi - lo == dyn.spec.numel, "one group": 0 < hi - lo < dyn.spec.numel}[lamb]
+    for shape in ((dyn.spec.numel,), (3, dyn.spec.numel)):
+        theta = dyn.theta0 + 0.1 * torch.randn(shape)
+        grad = torch.randn(shape)
+        want = rule.update(theta, grad, torch.tensor(0.0))
+        torch.testing.assert_close(rule.update_(theta.clone(), grad, torch.tensor(0.0)), want, rtol=0, atol=0)

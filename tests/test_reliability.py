@@ -481,6 +481,7 @@ def test_non_positive_max_drift(value: float, trained: Path, tmp_path: Path, cap
 @pytest.mark.parametrize(("override", "expected"), [
     ("meta.checkpoint_group=-1", "error: meta.checkpoint_group must be auto or an integer >= 0, got -1"),
     ("meta.optim.lr=fast", "error: meta.optim.lr must be a number >= 0, got 'fast'"),
+    ("meta.reverse_sample=0", "error: meta.reverse_sample must be a fraction in (0, 1], got 0"),
     ("meta.segment=10", "error: meta.segment=10 differs from eval.segment=5, where the baselines φ starts from are "
                         "tuned and every method is evaluated; set both to the same value, or "
                         "meta.allow_segment_mismatch=true"),
@@ -814,3 +815,17 @@ def test_meta_stage_trains_with_the_fast_first_order_meta_gradient(trained: Path
     assert max_abs_diff(init, last["state_dict"]) > 0
     with pytest.raises(DynlmError, match=r"meta\.fast_first_order is the first-order meta-gradient"):
         run_stages(cfg_for(tmp_path, "stage=meta", *META_FAST, "meta.fast_first_order=true", "meta.order=2"))
+
+
+def test_meta_stage_trains_on_a_sample_of_the_coordinates(trained: Path, tmp_path: Path) -> None:
+    """meta.reverse_sample=0.5 through the stage: φ moves, every step is taken, the checkpoint records the fraction;
+    without meta.fast_first_order it is refused in one line."""
+    copy_run(trained, tmp_path)
+    res = run_stages(cfg_for(tmp_path, "stage=meta", *META_FAST, "meta.fast_first_order=true",
+                             "meta.reverse_sample=0.5", "meta.optim.lr=0.05"))["meta"]
+    assert res["steps"] == 4 and res["skipped"] == 0 and math.isfinite(res["val_ppl_trained"])
+    last = load(tmp_path / "smoke" / "checkpoints" / "meta" / "last.ckpt")
+    assert last["hyper_parameters"]["reverse_sample"] == 0.5
+    assert max_abs_diff(load(trained / "meta.ckpt")["state_dict"], last["state_dict"]) > 0
+    with pytest.raises(DynlmError, match=r"meta\.reverse_sample=0\.5 samples the coordinates of the fast first-order"):
+        run_stages(cfg_for(tmp_path, "stage=meta", *META_FAST, "meta.reverse_sample=0.5"))

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynlm_pl.errors import require
 from dynlm_pl.meta.gates import FORMS
 from dynlm_pl.meta.rules import gated_update
 from dynlm_pl.meta.weights import drift_norm, offsets
@@ -116,8 +117,11 @@ class MetaLearner(nn.Module):
                 self.embed.weight.normal_(0, 0.1)
                 if not len(self.layers):  # linear gate: the embedding adds to the output, which starts as set above
                     self.embed_proj.weight.zero_()
-        self._ctx: tuple[int, dict[str, Tensor]] | None = None
-        self._norm0: tuple[int, float] | None = None  # ‖θ_0‖ of the DynamicWeights it was computed for (drift)
+        # Caches keyed by the DynamicWeights object itself, held (an id() would be reused by the next short-lived
+        # DynamicWeights.restrict of the reverse pass, which would then read another sample's constants)
+        self._ctx: tuple[Any, dict[str, Tensor]] | None = None
+        self._sub_ctx: tuple[Any, dict[str, Tensor]] | None = None  # of a DynamicWeights.restrict (reverse pass)
+        self._norm0: tuple[Any, float] | None = None  # ‖θ_0‖ of the DynamicWeights it was computed for (drift)
         self.last_gates: dict[str, Tensor] = {}
         # Not a hyperparameter (set from eval.fused_gate / meta.fused_gate): `apply_` and GateRule.update run as
         # torch.compile'd passes over θ instead of eager chunks / whole-vector ops.
@@ -127,7 +131,7 @@ class MetaLearner(nn.Module):
         """Without the compiled passes (process-local functions, not picklable) and the cached constants: ddp_spawn
         pickles the module into its processes, which compile and cache their own on first use."""
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_compiled")}
-        state.update(_ctx=None, _norm0=None)
+        state.update(_ctx=None, _sub_ctx=None, _norm0=None)
         return state
 
     @property
@@ -137,7 +141,12 @@ class MetaLearner(nn.Module):
 
     # -- constants per coordinate, computed once per DynamicWeights ---------------------------------
     def _context(self, dyn: Any) -> dict[str, Tensor]:
-        if self._ctx is not None and self._ctx[0] == id(dyn):
+        if getattr(dyn, "parent", None) is not None:  # a sample of coordinates: the whole vector's constants, sliced
+            if self._sub_ctx is None or self._sub_ctx[0] is not dyn:
+                full = self._context(dyn.parent)
+                self._sub_ctx = (dyn, {k: v.index_select(0, dyn.index) for k, v in full.items()})
+            return self._sub_ctx[1]
+        if self._ctx is not None and self._ctx[0] is dyn:
             return self._ctx[1]
         ctx: dict[str, Tensor] = {}
         need = {"fisher": dyn.fisher, "rms": dyn.ms}
@@ -153,21 +162,30 @@ class MetaLearner(nn.Module):
                 raise ValueError("gate=krause_init needs Krause's gradient statistics (ms) from fisher.pt: "
                                  "run `python train.py stage=fisher` first")
             ctx.update(self.form.context(dyn, self.features))
-        self._ctx = (id(dyn), ctx)
+        self._ctx = (dyn, ctx)
         return ctx
 
     def _inputs(self, dyn: Any, theta: Tensor) -> dict[str, Tensor]:
         """The inputs of the gates besides θ, ∇L and L: per coordinate [P] the constants and the Meta-SGD offsets
         (learned); per stream (SCALARS, a scalar or [B] like L) the drift of θ [P] or [B, P]."""
         ctx = self._context(dyn)
+        sub = getattr(dyn, "parent", None) is not None  # a sample of coordinates (DynamicWeights.restrict)
         if self.coord_step is not None:
-            ctx = {**ctx, "c_step": self.coord_step, "c_decay": self.coord_decay}
+            offs = (self.coord_step, self.coord_decay)
+            c_step, c_decay = (c.index_select(0, dyn.index) for c in offs) if sub else offs
+            ctx = {**ctx, "c_step": c_step, "c_decay": c_decay}
         if "drift" in self.features:  # relative to ‖θ_0‖ (scale-free), detached: a constant of the meta-gradient
-            if self._norm0 is None or self._norm0[0] != id(dyn):
-                self._norm0 = (id(dyn), float(dyn.theta0.detach().double().norm()))
-            rel = drift_norm(theta, dyn.theta0) / self._norm0[1]
-            ctx = {**ctx, "drift": (torch.log(rel + 1e-6) / 10.0).to(theta.dtype)}
+            require(not sub or dyn.drift is not None, "a sample of coordinates needs the drift of the whole θ "
+                    "(DynamicWeights.drift)")
+            ctx = {**ctx, "drift": dyn.drift if sub else self.drift_feature(theta, dyn)}
         return ctx
+
+    def drift_feature(self, theta: Tensor, dyn: Any) -> Tensor:
+        """The drift feature of θ [P] or [B, P]: log(‖θ − θ_0‖/‖θ_0‖ + 1e-6)/10, a scalar or [B]."""
+        if self._norm0 is None or self._norm0[0] is not dyn:
+            self._norm0 = (dyn, float(dyn.theta0.detach().double().norm()))
+        rel = drift_norm(theta, dyn.theta0) / self._norm0[1]
+        return (torch.log(rel + 1e-6) / 10.0).to(theta.dtype)
 
     @staticmethod
     def _slice(ctx: dict[str, Tensor], s: int, e: int) -> dict[str, Tensor]:

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dynlm_pl.errors import require
-from dynlm_pl.meta.rules import Rule
+from dynlm_pl.meta.rules import GateRule, Rule
 from dynlm_pl.meta.scoring import score
-from dynlm_pl.meta.weights import DynamicSpec, DynamicWeights
+from dynlm_pl.meta.weights import DynamicSpec, DynamicWeights, sample_coordinates
 from dynlm_pl.models import Backbone
 
 
@@ -196,35 +196,59 @@ class FastFirstOrder(Unroller):
     input θ and hidden state; the reverse pass reruns one group's forward (its LM passes again) to rebuild its
     tape, last group first, whose tape the forward pass still holds. An unroll of U steps then holds U/G + 2G
     parameter-sized tensors instead of 2U, for one more LM forward and backward per step outside the last group.
+
+    Sampled coordinates (`sample` < 1, meta.reverse_sample): J_t is diagonal, so a coordinate's adjoint depends on
+    that coordinate's own history only, and φ's gradient is a sum over coordinates. The reverse pass then runs on a
+    random fraction of them (`sample_coordinates`, drawn afresh per unroll), each weighted by the inverse of its
+    probability of being drawn: an unbiased estimate of the same gradient at that fraction of the reverse pass's
+    cost and of the tape's memory. The forward pass (the LM, every coordinate's update) is unchanged.
     """
+
+    def __init__(self, *args: Any, sample: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        require(0 < sample <= 1, f"meta.reverse_sample must be in (0, 1] (the fraction of coordinates the reverse "
+                f"pass reads), got {sample!r}")
+        require(sample == 1 or isinstance(self.rule, GateRule), "meta.reverse_sample < 1 needs the meta-learner's "
+                "own rule: it is not a coordinate-wise map with eval.max_drift's trust region (a norm over all of θ)")
+        self.sample = float(sample)
 
     def __call__(self, chunk: Tensor, resets: Tensor | None, theta: Tensor,
                  hidden: Any) -> tuple[Tensor, Tensor, Any, int]:
         n_tok = self.unroll * self.segment * chunk.size(0)
         g = self.group if self.checkpointing and 1 < self.group < self.unroll else self.unroll
+        # the coordinates the reverse pass reads: all, or a weighted sample (θ_0, ms, F and the rule restricted)
+        sample = sample_coordinates(self.dyn.spec, self.sample, generator=_rank_generator()) if self.sample < 1 \
+            else None
+        dyn = self.dyn.restrict(sample) if sample is not None else self.dyn
+        rule = GateRule(self.rule.gates, dyn) if sample is not None else self.rule
+        weight = sample.weight.to(theta.device, theta.dtype) if sample is not None else 1.0
         starts: list[tuple[int, Tensor, Any]] = []  # (first step, θ, hidden) of each group
         total = theta.new_zeros((), dtype=torch.float64)
         theta, tape = theta.detach(), []
         for k0 in range(0, self.unroll, g):
             starts.append((k0, theta, hidden))
             tape = []  # drop the previous group's tape before building this one (one tape at a time)
-            tape, theta, hidden, part = self._forward(chunk, resets, k0, min(self.unroll, k0 + g), theta, hidden)
+            tape, theta, hidden, part = self._forward(chunk, resets, k0, min(self.unroll, k0 + g), theta, hidden,
+                                                      dyn=dyn)
             total += part
-        a, theta_out = torch.zeros_like(theta), theta  # ∂M/∂θ_U: the next unroll's losses are not this meta-loss's
+        # ∂M/∂θ_U: the next unroll's losses are not this meta-loss's
+        a, theta_out = torch.zeros_like(_take(theta, dyn)), _take(theta, dyn)
         w, w_ewc = self.segment / n_tok, self.ewc_lambda * self.segment * chunk.size(0) / n_tok
         for i in reversed(range(len(starts))):
             if i < len(starts) - 1:  # rebuild this group's tape (the last group's is the forward pass's)
                 k0, th, h = starts[i]
                 tape = []
-                tape = self._forward(chunk, resets, k0, min(self.unroll, k0 + g), th, h, totals=False)[0]
-            a, theta_out = self._reverse(tape, a, theta_out, w, w_ewc)
+                tape = self._forward(chunk, resets, k0, min(self.unroll, k0 + g), th, h, totals=False, dyn=dyn)[0]
+            a, theta_out = self._reverse(tape, a, theta_out, w * weight, w_ewc * weight if w_ewc else 0.0, rule)
         _all_reduce_grads(self.params)
         return (total / n_tok).to(theta.dtype), theta, hidden, n_tok
 
     def _forward(self, chunk: Tensor, resets: Tensor | None, k0: int, k1: int, theta: Tensor, hidden: Any,
-                 totals: bool = True) -> tuple[list[Step], Tensor, Any, Tensor]:
+                 totals: bool = True, dyn: DynamicWeights | None = None) -> tuple[list[Step], Tensor, Any, Tensor]:
         """Steps k0..k1-1 as dynamic evaluation, keeping what each gate read: (tape, θ, hidden, summed loss + EWC).
-        `totals=False` (a group's tape rebuilt in the reverse pass): the sum is already known, skip its EWC terms."""
+        `totals=False` (a group's tape rebuilt in the reverse pass): the sum is already known, skip its EWC terms.
+        `dyn`: a restriction of self.dyn (sampled coordinates): the tape keeps those coordinates only."""
+        dyn = dyn if dyn is not None else self.dyn
         m, tape = self.segment, []
         total = theta.new_zeros((), dtype=torch.float64)
         for k in range(k0, k1):
@@ -242,7 +266,10 @@ class FastFirstOrder(Unroller):
                 (grad,) = torch.autograd.grad(per_stream.sum(), th)
             hidden = self.lm.detach_state(hidden)
             feat = per_stream.detach() if theta.dim() == 2 else per_stream.detach().mean()
-            tape.append(Step(theta, grad, feat, reset, before))
+            # a sample's gates read the drift of the whole θ_in (one more read of θ, with the drift feature only)
+            gates = self.rule.gates if dyn is not self.dyn else None
+            drift = gates.drift_feature(theta, self.dyn) if gates is not None and "drift" in gates.features else None
+            tape.append(Step(_take(theta, dyn), _take(grad, dyn), feat, reset, _take(before, dyn), drift))
             with torch.no_grad():  # the evaluation update, in place on a copy (the tape keeps θ_in)
                 theta = self.rule.update_(theta.clone(), grad, feat)
                 total += losses.detach().sum().double()
@@ -250,17 +277,22 @@ class FastFirstOrder(Unroller):
                     total += float(self.dyn.ewc_penalty(theta, self.ewc_lambda)) * y.numel()
         return tape, theta, hidden, total
 
-    def _reverse(self, tape: list[Step], a: Tensor, theta_out: Tensor, w: float, w_ewc: float) -> tuple[Tensor, Tensor]:
+    def _reverse(self, tape: list[Step], a: Tensor, theta_out: Tensor, w: float | Tensor, w_ewc: float | Tensor,
+                 rule: GateRule | Rule) -> tuple[Tensor, Tensor]:
         """a (∂M/∂θ after the tape's last step, whose output is theta_out) backward through the tape's gates:
         φ.grad += Σ_t a_tᵀ ∂θ_t/∂φ. Returns a and θ before the tape's first step. w: the weight of a segment's mean
         loss in the meta-loss (a stream's tokens in it over the unroll's); w_ewc: that of an EWC term's gradient
-        λF(θ − θ_0)."""
+        λF(θ − θ_0); both times each coordinate's inverse probability of being sampled ([S]) when `rule` reads a
+        sample of the coordinates (its dyn, whose θ_0 and F these are)."""
+        dyn = rule.dyn if isinstance(rule, GateRule) else self.dyn
         for step in reversed(tape):
-            if w_ewc:  # the EWC term of θ_out (this step's output) is part of the meta-loss too
-                a = a + w_ewc * self.dyn.fisher * (theta_out - self.dyn.theta0)
+            if isinstance(w_ewc, Tensor) or w_ewc:  # the EWC term of θ_out (this step's output) is in the meta-loss
+                a = a + w_ewc * dyn.fisher * (theta_out - dyn.theta0)
             th = step.theta.detach().requires_grad_(True)
+            if dyn.parent is not None:
+                dyn.drift = step.drift
             with torch.enable_grad():
-                torch.autograd.backward(self.rule.update(th, step.grad, step.feat), a)
+                torch.autograd.backward(rule.update(th, step.grad, step.feat), a)
             a = th.grad + w * step.grad  # ∂M/∂θ_in: through the gate, and through L_t directly
             if step.reset is not None:  # θ_in was θ_0 for these streams, not the previous output: nothing flows on
                 a = a * (~step.reset[:, None]).to(a.dtype) if a.dim() == 2 else a * float(not bool(step.reset.any()))
@@ -278,6 +310,21 @@ class Step:
     feat: Tensor
     reset: Tensor | None
     before: Tensor | None
+    drift: Tensor | None = None  # the drift feature of the whole θ_in, when the tape keeps a sample of it
+
+
+def _take(t: Tensor | None, dyn: DynamicWeights) -> Tensor | None:
+    """The coordinates of θ-like `t` ([P] or [B, P]) that `dyn` holds: all, or a restriction's sample."""
+    return t if t is None or dyn.index is None else t.index_select(-1, dyn.index)
+
+
+def _rank_generator() -> torch.Generator:
+    """A generator seeded from the global RNG (so a resumed run draws what the killed one would have) plus the DDP
+    rank: each process samples other coordinates, and their mean gradient averages independent estimates."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return torch.Generator().manual_seed(int(torch.randint(2**62, ())) + rank)
 
 
 def _all_reduce_grads(params: list[nn.Parameter]) -> None:

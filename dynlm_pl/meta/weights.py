@@ -98,6 +98,12 @@ class DynamicWeights:
     theta0: Tensor
     ms: Tensor | None = None
     fisher: Tensor | None = None
+    # A sample of another DynamicWeights' coordinates (`restrict`): the parent, the coordinates taken [S], and the
+    # per-stream drift feature of the parent's whole θ at the step being replayed (the reverse pass sets it: a
+    # norm over a sample is not the norm over all coordinates)
+    parent: DynamicWeights | None = None
+    index: Tensor | None = None
+    drift: Tensor | None = None
 
     @classmethod
     def build(cls, model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
@@ -122,11 +128,50 @@ class DynamicWeights:
         return DynamicWeights(self.spec, mv(self.theta0), mv(self.ms), mv(self.fisher))
 
 
+    def restrict(self, sample: CoordinateSample) -> DynamicWeights:
+        """The sampled coordinates as DynamicWeights of their own: each tensor becomes its sampled coordinates
+        (shape [n_k]), θ_0, ms and F sliced. Constants that depend on whole tensors (Krause's decay rate divides by
+        means over tensors) must be taken from `parent` and sliced, not recomputed here: the meta-learner does."""
+        spec = DynamicSpec(self.spec.names, tuple(torch.Size([n]) for n in sample.sizes))
+        index = sample.index.to(self.theta0.device)
+        take = lambda t: None if t is None else t.index_select(0, index)
+        return DynamicWeights(spec, take(self.theta0), take(self.ms), take(self.fisher), parent=self, index=index)
+
     def ewc_penalty(self, theta: Tensor, lam: float) -> Tensor:
         """EWC: λ/2 Σ F (θ − θ_0)² over the flat vector (differentiable in θ)."""
         require(self.fisher is not None, "the EWC penalty needs the Fisher from fisher.pt; run "
                 "`python train.py stage=fisher`")
         return ewc_penalty_of(theta, self.theta0, self.fisher, lam)
+
+
+@dataclass
+class CoordinateSample:
+    """Coordinates of the flat θ [P] drawn by `sample_coordinates`: their indices [S] (ascending), the inverse of
+    each one's probability of being drawn [S], and how many of each tensor's coordinates were drawn."""
+
+    index: Tensor
+    weight: Tensor
+    sizes: list[int]
+
+
+def sample_coordinates(spec: DynamicSpec, fraction: float, block: int = 1024,
+                       generator: torch.Generator | None = None) -> CoordinateSample:
+    """Blocks of `block` contiguous coordinates drawn without replacement, m = ⌈fraction·n_b⌉ of each tensor's n_b
+    blocks (at least one): every coordinate of the tensor is drawn with probability m/n_b, so a sum over the sample
+    weighted by n_b/m is an unbiased estimate of the sum over all P coordinates. Why per tensor: every tensor keeps
+    coordinates (its gates have their own bias), and its weight is exact. Why blocks: a gather of contiguous runs
+    streams through memory; single coordinates a cache line apart would read all of θ."""
+    index, weight, sizes = [], [], []
+    for s, n in offsets(spec.sizes):
+        n_b = -(-n // block)
+        m = min(n_b, max(1, math.ceil(fraction * n_b)))
+        chosen = torch.randperm(n_b, generator=generator)[:m].sort().values
+        idx = (s + chosen[:, None] * block + torch.arange(block)).reshape(-1)
+        idx = idx[idx < s + n]  # the last block of a tensor may be short
+        index.append(idx)
+        weight.append(torch.full((idx.numel(),), n_b / m))
+        sizes.append(idx.numel())
+    return CoordinateSample(torch.cat(index), torch.cat(weight), sizes)
 
 
 def drift_norm(theta: Tensor, theta0: Tensor, block: int = 1 << 18) -> Tensor:

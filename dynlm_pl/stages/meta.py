@@ -127,7 +127,7 @@ def _module(cfg: DictConfig, out: Path, lm: Backbone, dm: WikiText2DataModule, l
         checkpointing=bool(m.checkpointing), checkpoint_group=group, reset_every=int(m.reset_every),
         ewc_lambda=float(m.ewc_lambda), lr=float(m.optim.lr), weight_decay=float(m.optim.weight_decay),
         clip=float(m.optim.clip), streams=int(m.streams), provenance=prov, max_drift=cfg.eval.get("max_drift"),
-        fast_first_order=bool(m.get("fast_first_order", False)))
+        fast_first_order=bool(m.get("fast_first_order", False)), reverse_sample=float(m.get("reverse_sample", 1.0)))
     # The compiled update (MetaLearner.fused_update / fused_apply_): in training and in validation
     module.meta.fused = bool(m.get("fused_gate", False))
     return module, tuned

@@ -35,7 +35,8 @@ class MetaTrainModule(L.LightningModule):
                  unroll: int = 40, order: int = 1, checkpointing: bool = True, checkpoint_group: int = 0,
                  reset_every: int = 0, ewc_lambda: float = 0.0, lr: float = 1e-3, weight_decay: float = 0.0,
                  clip: float = 1.0, streams: int = 1, provenance: dict[str, Any] | None = None,
-                 max_drift: float | None = None, fast_first_order: bool = False) -> None:
+                 max_drift: float | None = None, fast_first_order: bool = False,
+                 reverse_sample: float = 1.0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["lm", "dyn"])
         self.automatic_optimization = False
@@ -65,9 +66,12 @@ class MetaTrainModule(L.LightningModule):
         fast = bool(hp.get("fast_first_order", False))
         require(not (fast and hp.order == 2), "meta.fast_first_order is the first-order meta-gradient; use "
                 "meta.order=1 with it, or meta.fast_first_order=false for the second order")
-        return (FastFirstOrder if fast else Unroller)(
-            self.lm, rule, self.dyn, list(self.meta.parameters()), hp.segment, hp.unroll, hp.order,
-            hp.checkpointing, hp.get("checkpoint_group", 0), hp.ewc_lambda)
+        sample = float(hp.get("reverse_sample", 1.0))
+        require(fast or sample == 1, "meta.reverse_sample < 1 needs meta.fast_first_order=true (it samples the "
+                "coordinates of that reverse pass)")
+        args = (self.lm, rule, self.dyn, list(self.meta.parameters()), hp.segment, hp.unroll, hp.order,
+                hp.checkpointing, hp.get("checkpoint_group", 0), hp.ewc_lambda)
+        return FastFirstOrder(*args, sample=sample) if fast else Unroller(*args)
 
     # -- the inner loop ----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
