@@ -793,6 +793,26 @@ def test_sample_coordinates_weights_each_coordinate_by_the_inverse_of_its_probab
     assert torch.equal(full.index, torch.arange(spec.numel)) and bool((full.weight == 1).all())
 
 
+def test_sample_coordinates_always_takes_the_rows_of_the_words_read() -> None:
+    """The rows of `rows` in the tensors whose first dimension is the vocabulary (a table [V, E], a bias [V]) are in
+    every sample with weight 1; every other coordinate keeps weight × indicator averaging to 1 (still unbiased), and
+    a tensor of another shape is sampled as without rows."""
+    spec = DynamicSpec(("emb", "w", "bias"), (torch.Size([6, 4]), torch.Size([5, 3]), torch.Size([6])))
+    rows, vocab = torch.tensor([1, 4]), 6
+    taken = torch.zeros(spec.numel, dtype=torch.bool)
+    taken[torch.tensor([4, 5, 6, 7, 16, 17, 18, 19, 40, 43])] = True  # emb rows 1 and 4, bias entries 1 and 4
+    gen = torch.Generator().manual_seed(0)
+    acc, n = torch.zeros(spec.numel, dtype=torch.float64), 4000
+    for _ in range(n):
+        s = sample_coordinates(spec, 0.25, block=4, generator=gen, rows=rows, vocab=vocab)
+        assert bool((s.index.diff() > 0).all()) and sum(s.sizes) == s.index.numel() == s.weight.numel()
+        assert bool(taken[s.index].sum() == taken.sum()) and bool((s.weight[taken[s.index]] == 1).all())
+        assert s.sizes[1] in (4, 3)  # "w" [5, 3] is not a vocabulary table: 1 of its 4 blocks (the last is short)
+        acc[s.index] += s.weight.double()
+    assert float((acc / n - 1).abs().max()) < 0.15  # 4.5 standard errors of the largest-variance coordinate
+    assert bool((acc[taken] == n).all())
+
+
 
 @pytest.mark.parametrize("lamb", ["none", "one group", "all"])
 def test_rms_update_in_place_equals_the_whole_vector_update(lamb: str) -> None:

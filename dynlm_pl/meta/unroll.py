@@ -199,9 +199,10 @@ class FastFirstOrder(Unroller):
 
     Sampled coordinates (`sample` < 1, meta.reverse_sample): J_t is diagonal, so a coordinate's adjoint depends on
     that coordinate's own history only, and φ's gradient is a sum over coordinates. The reverse pass then runs on a
-    random fraction of them (`sample_coordinates`, drawn afresh per unroll), each weighted by the inverse of its
-    probability of being drawn: an unbiased estimate of the same gradient at that fraction of the reverse pass's
-    cost and of the tape's memory. The forward pass (the LM, every coordinate's update) is unchanged.
+    random fraction of them (`sample_coordinates`, drawn afresh per unroll; the vocabulary tables' rows of the
+    chunk's words always), each weighted by the inverse of its probability of being drawn: an unbiased estimate of
+    the same gradient at about that fraction of the reverse pass's cost and of the tape's memory. The forward pass
+    (the LM, every coordinate's update) is unchanged.
     """
 
     def __init__(self, *args: Any, sample: float = 1.0, **kwargs: Any) -> None:
@@ -217,8 +218,9 @@ class FastFirstOrder(Unroller):
         n_tok = self.unroll * self.segment * chunk.size(0)
         g = self.group if self.checkpointing and 1 < self.group < self.unroll else self.unroll
         # the coordinates the reverse pass reads: all, or a weighted sample (θ_0, ms, F and the rule restricted)
-        sample = sample_coordinates(self.dyn.spec, self.sample, generator=_rank_generator()) if self.sample < 1 \
-            else None
+        # (the rows of the chunk's own words always: sample_coordinates)
+        sample = sample_coordinates(self.dyn.spec, self.sample, generator=_rank_generator(), rows=chunk.unique(),
+                                    vocab=self.lm.vocab_size) if self.sample < 1 else None
         dyn = self.dyn.restrict(sample) if sample is not None else self.dyn
         rule = GateRule(self.rule.gates, dyn) if sample is not None else self.rule
         weight = sample.weight.to(theta.device, theta.dtype) if sample is not None else 1.0

@@ -155,21 +155,38 @@ class CoordinateSample:
 
 
 def sample_coordinates(spec: DynamicSpec, fraction: float, block: int = 1024,
-                       generator: torch.Generator | None = None) -> CoordinateSample:
+                       generator: torch.Generator | None = None, rows: Tensor | None = None,
+                       vocab: int | None = None) -> CoordinateSample:
     """Blocks of `block` contiguous coordinates drawn without replacement, m = ⌈fraction·n_b⌉ of each tensor's n_b
     blocks (at least one): every coordinate of the tensor is drawn with probability m/n_b, so a sum over the sample
     weighted by n_b/m is an unbiased estimate of the sum over all P coordinates. Why per tensor: every tensor keeps
     coordinates (its gates have their own bias), and its weight is exact. Why blocks: a gather of contiguous runs
-    streams through memory; single coordinates a cache line apart would read all of θ."""
+    streams through memory; single coordinates a cache line apart would read all of θ.
+
+    `rows` (token ids) of the tensors whose first dimension is `vocab` (the embedding/softmax table, the softmax
+    bias) are always taken, weight 1: the rows of the text being read carry most of those tensors' gradient (the
+    lookup's is zero elsewhere; the softmax's is largest at the targets and at the frequent words, which every chunk
+    holds), so drawing them at random is where a uniform sample's variance comes from. A coordinate outside them
+    keeps probability m/n_b: the estimate stays unbiased."""
     index, weight, sizes = [], [], []
-    for s, n in offsets(spec.sizes):
+    for (s, n), shape in zip(offsets(spec.sizes), spec.shapes, strict=True):
         n_b = -(-n // block)
         m = min(n_b, max(1, math.ceil(fraction * n_b)))
-        chosen = torch.randperm(n_b, generator=generator)[:m].sort().values
-        idx = (s + chosen[:, None] * block + torch.arange(block)).reshape(-1)
-        idx = idx[idx < s + n]  # the last block of a tensor may be short
-        index.append(idx)
-        weight.append(torch.full((idx.numel(),), n_b / m))
+        keep = torch.zeros(n_b, block, dtype=torch.bool)
+        keep[torch.randperm(n_b, generator=generator)[:m]] = True
+        keep = keep.reshape(-1)[:n]  # the last block of a tensor may be short
+        always = None
+        if rows is not None and vocab is not None and len(shape) > 0 and shape[0] == vocab:
+            always = torch.zeros(vocab, dtype=torch.bool)
+            always[rows] = True
+            always = always.repeat_interleave(n // vocab)  # [n]: every coordinate of a taken row
+            keep |= always
+        idx = keep.nonzero().squeeze(1)
+        w = torch.full((idx.numel(),), n_b / m)
+        if always is not None:
+            w[always[idx]] = 1.0
+        index.append(s + idx)
+        weight.append(w)
         sizes.append(idx.numel())
     return CoordinateSample(torch.cat(index), torch.cat(weight), sizes)
 
