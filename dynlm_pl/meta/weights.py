@@ -166,8 +166,9 @@ def sample_coordinates(spec: DynamicSpec, fraction: float, block: int = 1024,
     `rows` (token ids) of the tensors whose first dimension is `vocab` (the embedding/softmax table, the softmax
     bias) are always taken, weight 1: the rows of the text being read carry most of those tensors' gradient (the
     lookup's is zero elsewhere; the softmax's is largest at the targets and at the frequent words, which every chunk
-    holds), so drawing them at random is where a uniform sample's variance comes from. A coordinate outside them
-    keeps probability m/n_b: the estimate stays unbiased."""
+    holds), so drawing them at random is the likeliest source of a uniform sample's variance (bench/README.md,
+    "The reverse pass on sampled coordinates"). A coordinate outside them keeps probability m/n_b: the estimate
+    stays unbiased."""
     index, weight, sizes = [], [], []
     for (s, n), shape in zip(offsets(spec.sizes), spec.shapes, strict=True):
         n_b = -(-n // block)
