@@ -697,6 +697,48 @@ def test_rms_pt_with_equal_groups_is_krause_and_groups_split_by_layer(stream: tu
         build_rule("rms_pt", {k: v for k, v in pt.items() if not k.endswith("rnns.1")}, dyn)
 
 
+@pytest.mark.parametrize(("param", "flush"), [("krause", True), ("rational", True), ("rational", False)])
+def test_residual_gates_started_from_rms_pt_are_rms_pt(stream: tuple[Tensor, int], param: str, flush: bool) -> None:
+    """A krause form given rms_pt's per-group η and λ ({group: value}) IS rms_pt until it trains (eager, compiled,
+    along a stream; without FLUSH: rms_pt without decay), and its no-FLUSH COPY gate reads each group's own λ; the
+    meta stage starts φ from whichever of sgd, rms and rms_pt tuned best."""
+    from dynlm_pl.stages.meta import start_from_tuned
+
+    tokens, vocab = stream
+    model = tiny_lm(vocab)
+    dyn = DynamicWeights.build(model, fisher_art=fake_fisher(model))
+    lrs = {"bias": 4e-3, "encoder": 1e-3, "rnns.0": 2e-3, "rnns.1": 5e-4}
+    lambs = {"bias": 0.0, "encoder": 0.02, "rnns.0": 0.5, "rnns.1": 0.0}
+    pt = {"eps": 2e-5, **{f"lr@{g}": v for g, v in lrs.items()},
+          **{f"lamb@{g}": v if flush else 0.0 for g, v in lambs.items()}}
+    gate = {"param": param, "hidden": [], "features": FORM_FEATURES[param], "flush": flush, "embed_dim": 3}
+    tuned = {"sgd": {"tune_loss": 4.2, "hparams": {"lr": 0.3}},
+             "rms": {"tune_loss": 4.1, "hparams": {"lr": 2e-3, "lamb": 0.0, "eps": 2e-5}},
+             "rms_pt": {"tune_loss": 4.0, "hparams": {**pt, **{f"lamb@{g}": v for g, v in lambs.items()}}}}
+    assert start_from_tuned(gate, tuned) == "rms_pt" and gate["lr"] == lrs and gate["lamb"] == lambs
+    meta = MetaLearner(len(dyn.spec.names), **gate, n_coords=dyn.spec.numel)
+    want_rule = build_rule("rms_pt", pt, dyn)
+    g = torch.Generator().manual_seed(1)
+    theta = dyn.theta0 + 1e-3 * torch.randn(dyn.theta0.shape, generator=g)
+    grad, loss = 1e-2 * torch.randn(theta.shape, generator=g), torch.tensor(4.0)
+    want = want_rule.update(theta, grad, loss)
+    for got in eager_and_compiled_updates(meta, dyn, theta, grad, loss):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(want, build_rule("rms", tuned["rms"]["hparams"], dyn).update(theta, grad, loss))
+    meta.fused = False
+    torch.testing.assert_close(adaptive_eval(model, tokens[:300], GateRule(meta, dyn), SEG, dyn),
+                               adaptive_eval(model, tokens[:300], want_rule, SEG, dyn), rtol=1e-5, atol=1e-5)
+    if not flush:  # f = 1 + λ_group·clamp(o_f): each group's own λ
+        with torch.no_grad():
+            meta.out.bias[0] = 0.7
+        f = meta(theta, grad, loss, dyn)[0]
+        torch.testing.assert_close(f, 1 + 0.7 * dyn.spec.per_group(lambs, dyn.ms))
+    del tuned["rms_pt"]
+    assert start_from_tuned(gate, tuned) == "rms" and gate["lr"] == 2e-3 and gate["rms_scale"]
+    tuned["sgd"]["tune_loss"] = 4.0
+    assert start_from_tuned(gate, tuned) == "sgd" and gate["lr"] == 0.3 and not gate["rms_scale"]
+
+
 def _phi_grad(module: MetaTrainModule, unroller: Unroller, chunk: Tensor, resets: Tensor | None) -> list[Tensor]:
     for p in module.meta.parameters():
         p.grad = None

@@ -14,6 +14,8 @@ the gates (f, i, z) of θ_t = f⊙θ_{t-1} + i⊙∇L_t + z⊙θ_0. One small cl
             multiply-adds and a few divisions, no exp/log, so its compiled pass is bound by memory traffic rather
             than arithmetic (bench/bench_gate.py).
 `flush=False` (meta_noflush): z ≡ 0; the krause forms then keep f = 1 + λ·o_f (no decay at init).
+The krause forms' η and λ are numbers (Krause's rule) or {group: value} (rms_pt's per-group rule, groups as
+`tensor_group` names them): the form then starts exactly at that rule, its a and d formed once per coordinate.
 
 A form reads per-coordinate constants from `context(dyn)` (computed once per DynamicWeights) and has no
 parameters of its own: φ is the network's.
@@ -32,6 +34,15 @@ from dynlm_pl.errors import require
 from dynlm_pl.meta.rules import krause_coefficients, krause_rate
 
 Gates = tuple[Tensor, Tensor, Tensor | None]
+Value = float | dict[str, float]  # one value, or one per group of tensors (rms_pt)
+
+
+def per_coordinate(value: Value, dyn: Any) -> float | Tensor:
+    """A krause form's η or λ as `krause_coefficients` reads it: the number, or [P] from {group: value} laid out
+    as `build_rule('rms_pt', ...)` lays it out (so the form at init IS that rule, to the bit)."""
+    if not isinstance(value, dict):
+        return float(value)
+    return dyn.spec.per_group({g: float(v) for g, v in value.items()}, dyn.theta0 if dyn.ms is None else dyn.ms)
 
 
 def soft_clamp(x: Tensor, c: float) -> Tensor:
@@ -83,10 +94,13 @@ class KrauseGates:
 
     needs_ms = True
 
-    def __init__(self, lr: float = 5e-5, flush: bool = True, lamb: float = 0.002, eps: float = 2e-5,
+    def __init__(self, lr: Value = 5e-5, flush: bool = True, lamb: Value = 0.002, eps: float = 2e-5,
                  lamb0: float = 1e-3, rms_scale: bool = True, clamp: float = 5.0, **_: Any) -> None:
         self.lr, self.flush, self.lamb, self.eps = lr, flush, lamb, eps
         self.lamb0, self.rms_scale, self.clamp = lamb0, rms_scale, clamp
+        # per group (rms_pt): a, d and the no-FLUSH λ are per-coordinate tensors of the context
+        self.grouped = isinstance(lr, dict) or isinstance(lamb, dict)
+        self.no_decay = not any(lamb.values() if isinstance(lamb, dict) else [lamb])  # λ = 0 everywhere
 
     def init_output(self, out: nn.Linear) -> None:
         out.weight.zero_()
@@ -96,11 +110,14 @@ class KrauseGates:
         """a, d and d₀ per coordinate [P] (and 1/(RMS+ε) for the gnorm feature)."""
         rms, _ = krause_rate(dyn.ms, dyn.spec)
         ctx = {"inv": 1.0 / (rms + self.eps)} if "gnorm" in features else {}
-        ctx["a"], ctx["d"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb, self.eps)
+        lr, lamb = per_coordinate(self.lr, dyn), per_coordinate(self.lamb, dyn)
+        ctx["a"], ctx["d"] = krause_coefficients(dyn.ms, dyn.spec, lr, lamb, self.eps)
         if not self.rms_scale:  # start from plain SGD (−η for every coordinate) when that rule tuned best
-            ctx["a"] = torch.full_like(ctx["a"], -self.lr)
+            ctx["a"] = -lr if isinstance(lr, Tensor) else torch.full_like(ctx["a"], -lr)
+        if isinstance(lamb, Tensor) and not self.flush and not self.no_decay:
+            ctx["lamb"] = lamb  # the no-FLUSH COPY gate f = 1 + λ·o_f, per coordinate
         # d₀ = lamb0 · rate: the same per-coordinate shape as Krause's decay, at a small fixed scale
-        ctx["d0"] = krause_coefficients(dyn.ms, dyn.spec, self.lr, self.lamb0, self.eps)[1]
+        ctx["d0"] = krause_coefficients(dyn.ms, dyn.spec, lr, self.lamb0, self.eps)[1]
         return ctx
 
     def coefficients(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -117,7 +134,9 @@ class KrauseGates:
         if not self.flush:
             # λ = 0 (what tuning picks on WikiText-2): f ≡ 1 exactly, and saying so lets the compiled pass drop
             # o_f's row of the network
-            return (torch.ones_like(o_f) if self.lamb == 0 else 1.0 + self.lamb * self.bounded(o_f)), i, None
+            if self.no_decay:
+                return torch.ones_like(o_f), i, None
+            return 1.0 + ctx.get("lamb", self.lamb) * self.bounded(o_f), i, None
         # clamp passes gradient at its bounds (inclusive mask): D stays learnable at 0
         f = 1.0 - torch.addcmul(-d0, d + d0, self.correction(o_f)).clamp(0.0, 1.0)
         z = torch.addcmul(-d0, d + d0, self.correction(o_z)).clamp(0.0, 1.0)
@@ -134,10 +153,14 @@ class RationalGates(KrauseGates):
     constant tensors (λ = 0, no rms_scale) are folded into the compiled pass, not read."""
 
     def context(self, dyn: Any, features: tuple[str, ...]) -> dict[str, Tensor]:
+        if self.grouped:  # per-group η, λ: a, d, d₀ read per coordinate, as the krause form does
+            return super().context(dyn, features)
         rms, rate = krause_rate(dyn.ms, dyn.spec)
         return {"inv": 1.0 / (rms + self.eps), "rate": rate}
 
     def coefficients(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        if self.grouped:
+            return super().coefficients(ctx)
         rate = ctx["rate"]
         a = -self.lr * ctx["inv"] if self.rms_scale else torch.full_like(rate, -self.lr)
         d, d0 = ((lam * rate.clamp(max=1.0 / lam) if lam > 0 else torch.zeros_like(rate))

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynlm_pl.errors import require
-from dynlm_pl.meta.gates import FORMS
+from dynlm_pl.meta.gates import FORMS, Value
 from dynlm_pl.meta.rules import gated_update
 from dynlm_pl.meta.weights import drift_norm, offsets
 
@@ -78,7 +78,7 @@ class MetaLearner(nn.Module):
 
     def __init__(self, n_tensors: int, hidden: Sequence[int] = (16,), activation: str = "tanh",
                  features: Sequence[str] = ("theta", "delta", "grad", "loss"), param: str = "paper",
-                 flush: bool = True, embed_dim: int = 0, lr: float = 1e-3, lamb: float = 0.002, eps: float = 2e-5,
+                 flush: bool = True, embed_dim: int = 0, lr: Value = 1e-3, lamb: Value = 0.002, eps: float = 2e-5,
                  lamb0: float = 1e-3, rms_scale: bool = True, gate_bias: float = 10.0, init_scale: float = 1e-3,
                  clamp: float = 5.0, per_coordinate: bool = False, pull: float = 0.0, n_coords: int = 0) -> None:
         super().__init__()

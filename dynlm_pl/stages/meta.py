@@ -1,7 +1,8 @@
 """Stage `meta`: meta-train φ (`python train.py stage=meta unroll=40`) and write `meta.ckpt`.
 
 With a gate that starts at Krause's rule (gate=krause_init / krause_fast) the baselines are tuned first (the
-tuned.json evaluate.py reuses) and φ starts exactly at the better of the tuned sgd and rms rules. φ at
+tuned.json evaluate.py reuses) and φ starts exactly at the best of the tuned sgd, rms and (meta.tune_rms_pt) rms_pt
+rules. φ at
 initialization is a candidate too: meta.ckpt is the best φ by adaptive loss on the selection slice, never worse
 there than where it started.
 """
@@ -26,7 +27,7 @@ from dynlm_pl.errors import require
 from dynlm_pl.files import atomic_copy, file_sha256
 from dynlm_pl.fisher import FisherArtifact
 from dynlm_pl.meta.learner import KRAUSE_FORMS
-from dynlm_pl.meta.rules import build_rule
+from dynlm_pl.meta.rules import build_rule, group_values
 from dynlm_pl.meta.scoring import adaptive_eval
 from dynlm_pl.meta.unroll import group_size
 from dynlm_pl.meta.weights import DynamicWeights
@@ -51,16 +52,21 @@ def gate_config(cfg: DictConfig, has_fisher: bool) -> dict[str, Any]:
     return gate
 
 
-def start_from_tuned(gate: dict[str, Any], tuned: dict[str, Any]) -> None:
-    """Set the residual gate's starting rule to whichever tuned better on the validation slice: Krause's RMS rule,
-    or plain SGD (a = −η, no decay)."""
-    if tuned["sgd"]["tune_loss"] < tuned["rms"]["tune_loss"]:
-        gate.update(lr=tuned["sgd"]["hparams"]["lr"], lamb=0.0, rms_scale=False)
-        print(f"[meta] gate param={gate['param']} starts from the tuned sgd rule {tuned['sgd']['hparams']} (it"
-              " beat rms on the validation slice)")
+def start_from_tuned(gate: dict[str, Any], tuned: dict[str, Any]) -> str:
+    """Set the residual gate's starting rule to whichever tuned best on the selection slice: plain SGD (a = −η, no
+    decay), Krause's RMS rule, or rms_pt (his rule with η and λ per group of tensors) when it was tuned. Returns
+    the method."""
+    best = min((m for m in ("sgd", "rms", "rms_pt") if m in tuned), key=lambda m: float(tuned[m]["tune_loss"]))
+    hp = tuned[best]["hparams"]
+    if best == "sgd":
+        gate.update(lr=hp["lr"], lamb=0.0, rms_scale=False)
+    elif best == "rms":
+        gate.update(**hp, rms_scale=True)
     else:
-        gate.update(**tuned["rms"]["hparams"], rms_scale=True)
-        print(f"[meta] gate param={gate['param']} starts from the tuned rms rule {tuned['rms']['hparams']}")
+        gate.update(lr=group_values(hp, "lr"), lamb=group_values(hp, "lamb"), eps=hp["eps"], rms_scale=True)
+    print(f"[meta] gate param={gate['param']} starts from the tuned {best} rule {hp} (the best of "
+          f"{', '.join(m for m in ('sgd', 'rms', 'rms_pt') if m in tuned)} on the selection slice)")
+    return best
 
 
 def baselines(lm: Backbone, dyn: DynamicWeights, tokens: Tensor, cfg: DictConfig,
@@ -135,10 +141,11 @@ def _module(cfg: DictConfig, out: Path, lm: Backbone, dm: WikiText2DataModule, l
 
 def _start_gate(cfg: DictConfig, out: Path, lm: Backbone, lm_sha: str, art: FisherArtifact | None,
                 gate: dict[str, Any], valid: Tensor) -> dict[str, Any] | None:
-    """Set the gate's starting rule from the tuned baselines (tuned.json, tuned now if needed): the better of sgd and
-    rms for the residual gates, the sgd step for gate=paper without gate.lr. Returns the tuning (None if unused)."""
+    """Set the gate's starting rule from the tuned baselines (tuned.json, tuned now if needed): the best of sgd, rms
+    and rms_pt for the residual gates, the sgd step for gate=paper without gate.lr. Returns the tuning (None if
+    unused)."""
     if gate.get("param") in KRAUSE_FORMS and cfg.meta.get("init_from_tuned", True):
-        # meta.tune_rms_pt: also the per-group rule (the yardstick evaluate.py compares φ with), shown next to φ
+        # meta.tune_rms_pt: also the per-group rule (the yardstick evaluate.py compares φ with), a candidate start
         methods = ["sgd", "rms"] + (["rms_pt"] if cfg.meta.get("tune_rms_pt", False) else [])
         tuned = tuned_baselines(cfg, out, lm, valid, DynamicWeights.build(lm, fisher_art=art), lm_sha, methods)
         start_from_tuned(gate, tuned)
