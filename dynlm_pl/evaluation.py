@@ -53,7 +53,15 @@ from dynlm_pl.meta.scoring import method_losses, static_losses
 from dynlm_pl.meta.tuning import init_worker
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import Backbone
-from dynlm_pl.runtime import make_datamodule, run_dir, run_lock, tuned_baselines
+from dynlm_pl.runtime import (
+    finish_wandb,
+    flat_config,
+    make_datamodule,
+    run_dir,
+    run_lock,
+    tuned_baselines,
+    wandb_settings,
+)
 
 # The methods every other method's perplexity is compared with: ratio and paired-bootstrap interval (results.json).
 BASELINES = ("static", "sgd", "rms", "rms_pt")
@@ -353,6 +361,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         "lm": {"tokens_seen": prov.get("tokens_seen")},
         "skipped": ms.notes, "tuning": ms.tuned, "roles": _roles(cfg, out, ms, valid), "splits": {}}
     (out / "plots").mkdir(exist_ok=True)
+    read: dict[str, list[tuple[int, str]]] = {}  # the articles each split's evaluation read
     for split in splits:
         tokens, arts = splits_t[split], articles[split]
         if limit is not None and tokens.numel() > int(limit):  # a prefix: every method reads the same tokens
@@ -361,6 +370,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             print(f"[evaluate] {split}: first {tokens.numel():,} tokens (eval.max_tokens)")
         results["roles"][f"evaluation ({split})"] = f"{split}[0:{tokens.numel()}]"
         results["splits"][split] = _evaluate_split(cfg, out, lm, ms, split, tokens, arts, corpus)
+        read[split] = arts
     md = _markdown(results)
     results["markdown"] = md
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
@@ -369,7 +379,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         atomic_write_text(out / "tuning.md", _tuning_markdown(ms.tuned) + "\n")
     print(md)
     if cfg.get("logger") and "wandb" in cfg.logger:
-        _to_wandb(cfg, out, results, splits)
+        _to_wandb(cfg, out, results, read)
     return results
 
 
@@ -501,25 +511,68 @@ def _tuning_markdown(tuned: dict[str, dict[str, Any]]) -> str:
     return "\n\n".join(parts)
 
 
-def _to_wandb(cfg: DictConfig, out: Path, results: dict[str, Any], splits: list[str]) -> None:
-    """The per-article table, the gain curves and the plots to a W&B run (WANDB_MODE=offline works)."""
+def _to_wandb(cfg: DictConfig, out: Path, results: dict[str, Any], articles: dict[str, list[tuple[int, str]]]) -> None:
+    """evaluate.py's W&B run (the settings of every stage: runtime.wandb_settings; WANDB_MODE=offline works): per
+    split a numeric per-article table (ppl per method, gain % vs static and vs rms) with a bar chart of meta's gain
+    from it, summary metrics `{split}/{method}/ppl`, `…/gain_vs_static`, `…/gain_vs_rms` (%, with the bootstrap
+    interval's ends), the plots and the token view; results.json, results.md and tuned.json as an artifact."""
     import wandb
 
-    if wandb.run is not None:  # an earlier stage's WandbLogger run in this process (stage=all): close it first
-        wandb.finish()
+    finish_wandb()  # an earlier run in this process (the stages finish theirs; a caller's may be open)
     try:
-        run = wandb.init(project=cfg.logger.wandb.get("project", "dynlm"), name=f"{cfg.name}-evaluate",
-                         dir=str(out), config=OmegaConf.to_container(cfg.eval, resolve=True), job_type="evaluate")
+        run = wandb.init(**wandb_settings(cfg, "evaluate"), dir=str(out), config=flat_config(cfg))
     except wandb.errors.UsageError as e:
         raise DynlmError(f"W&B refused to start ({str(e).splitlines()[0]}); run `wandb login` or set "
                          "WANDB_MODE=offline") from None
-    for split in splits:
-        with open(out / f"articles-{split}.csv") as f:
-            rows = list(csv.reader(f))
-        run.log({f"{split}/articles": wandb.Table(columns=rows[0], data=rows[1:])})
-        for m, r in results["splits"][split].items():
-            run.summary[f"{split}/{m}/ppl"] = r["ppl"]
+    for split, arts in articles.items():
+        res = results["splits"][split]
+        table = _article_table(out, split, list(res), arts)
+        run.log({f"{split}/articles": table})
+        gain = next((c for c in table.columns if c == "gain_vs_static_meta"), None)
+        if gain:
+            run.log({f"{split}/meta_gain_per_article": wandb.plot.bar(table, "title", gain,
+                                                                      title=f"meta's gain over static ({split}, %)")})
+        run.summary.update(_summary(split, res))
         for p in sorted((out / "plots").glob(f"*-{split}.png")):
             run.log({f"{split}/{p.stem}": wandb.Image(str(p))})
+        html = out / "plots" / f"tokens-{split}.html"
+        if html.is_file():
+            run.log({f"{split}/tokens": wandb.Html(html.read_text())})
+    art = wandb.Artifact(f"{cfg.name}-results", type="results")
+    for name in ("results.json", "results.md", "tuned.json"):
+        if (out / name).is_file():
+            art.add_file(str(out / name))
+    run.log_artifact(art)
     run.finish()
+
+
+def _article_table(out: Path, split: str, methods: list[str], articles: list[tuple[int, str]]) -> Any:
+    """A numeric wandb.Table of one split's articles: title, tokens, ppl per method, and each adaptive method's
+    gain % (perplexity reduction) vs static and vs rms, from losses-<split>.npz."""
+    import wandb
+
+    with np.load(out / f"losses-{split}.npz") as z:
+        rows = {m: report.per_article(z[m].astype(np.float64), articles) for m in methods if m in z}
+    pairs = [(m, b) for b in ("static", "rms") if b in rows for m in rows if m not in (b, "static")]
+    cols = ["article", "title", "tokens", *[f"ppl_{m}" for m in rows], *[f"gain_vs_{b}_{m}" for m, b in pairs]]
+    data = []
+    for k, r in enumerate(rows[methods[0]]):
+        ppl = {m: rows[m][k]["ppl"] for m in rows}
+        data.append([k, r["title"], r["tokens"], *ppl.values(),
+                     *[100.0 * (1.0 - ppl[m] / ppl[b]) for m, b in pairs]])
+    return wandb.Table(columns=cols, data=data)
+
+
+def _summary(split: str, res: dict[str, Any]) -> dict[str, float]:
+    """`{split}/{method}/ppl` and the gains vs static and rms in % (1 − ratio of perplexities), with the paired
+    bootstrap interval's ends (`…_lo`, `…_hi`)."""
+    out: dict[str, float] = {}
+    for m, r in res.items():
+        out[f"{split}/{m}/ppl"] = r["ppl"]
+        for base, v in r["vs"].items():
+            if base in ("static", "rms"):
+                key = f"{split}/{m}/gain_vs_{base}"
+                out[key] = 100.0 * (1.0 - v["ratio"])
+                out[key + "_lo"], out[key + "_hi"] = 100.0 * (1.0 - v["hi"]), 100.0 * (1.0 - v["lo"])
+    return out
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from dynlm_pl import evaluation
 from dynlm_pl.config import check_config
 from dynlm_pl.errors import require
-from dynlm_pl.runtime import barrier, run_lock
+from dynlm_pl.runtime import barrier, run_lock, stage_scope
 from dynlm_pl.stages import fisher, lm, meta
 
 Stage = Callable[[DictConfig], dict[str, Any]]
@@ -52,7 +52,8 @@ def run_stages(cfg: DictConfig) -> dict[str, Any]:
     with run_lock(cfg, "+".join(names)):  # one writer per run directory
         for n in names:
             t0 = time.time()
-            results[n] = stage_fn(n)(stage_config(cfg, n))
+            with stage_scope(n):  # one W&B run per stage, finished before the next starts
+                results[n] = stage_fn(n)(stage_config(cfg, n))
             barrier()
             times[n] = time.time() - t0
             print(f"[{n}] stage done in {times[n]:.1f}s", flush=True)

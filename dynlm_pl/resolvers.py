@@ -24,6 +24,15 @@ def sweep_subdir() -> str:
     return f"/{sub}" if sub else ""
 
 
+def sweep_job() -> tuple[str, str]:
+    """(the sweep's id, this job's override_dirname) inside a Hydra multirun job, ('', '') otherwise: what names
+    and groups its W&B runs (runtime.wandb_settings). The id is the sweep directory's name (its start time)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return "", ""
+    hc = HydraConfig.get()
+    return str(hc.sweep.dir).rstrip("/").rsplit("/", 1)[-1], hc.job.override_dirname
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("dynlm.sweep_subdir"):
         OmegaConf.register_new_resolver("dynlm.sweep_subdir", sweep_subdir)

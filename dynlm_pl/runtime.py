@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from dynlm_pl.files import RunLock, file_sha256
 from dynlm_pl.meta.tuning import tune
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import Backbone
+from dynlm_pl.resolvers import sweep_job
 from dynlm_pl.resume import AtomicCheckpointIO, ResumeCheckpoint, stop_message
 
 
@@ -106,14 +109,98 @@ def make_datamodule(cfg: DictConfig, **overrides: Any) -> WikiText2DataModule:
     return instantiate(cfg.data, **overrides)
 
 
-def make_loggers(cfg: DictConfig) -> list[Any]:
+_STAGE: list[str] = []  # the stages being run (`stage_scope`), innermost last: what names a W&B run
+
+
+@contextlib.contextmanager
+def stage_scope(name: str) -> Iterator[None]:
+    """While stage `name` runs (pipeline.run_stages): its W&B run is named after it (job_type `name`), and finished
+    when the stage ends, so each stage of each job is one W&B run (lm's and meta's curves and config never mix)."""
+    _STAGE.append(name)
+    try:
+        yield
+    finally:
+        _STAGE.pop()
+        finish_wandb()
+
+
+def finish_wandb() -> None:
+    """Finish this process's W&B run, if W&B was ever imported and a run is open."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as {"meta.optim.lr": 0.01, ...}: a W&B run's config (sweep panels read these keys)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk({k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+          for k, v in cfg.items() if k != "hydra"}, "")  # (a composed config may carry Hydra's own node)
+    return out
+
+
+def wandb_settings(cfg: DictConfig, stage: str | None = None) -> dict[str, Any]:
+    """wandb.init's arguments for `stage` of this job (the WandbLogger's and evaluate.py's), from logger.wandb:
+    project, entity and mode as set; group = logger.wandb.group, else the experiment's name (a sweep's jobs:
+    `<name>-sweep-<sweep id>`); job_type = the stage; name = `<logger.wandb.name>-<stage>[-<the job's overrides>]`;
+    tags = logger.wandb.tags plus the experiment, stage, gate and data source. The stage: the pipeline's
+    (`stage_scope`: meta_noflush for a variant), else `stage` (a stage's `run` called directly)."""
+    w = cfg.logger.wandb
+    stage = _STAGE[-1] if _STAGE else (stage or str(cfg.get("stage", "run")))
+    sweep, job = sweep_job()
+    tags = [*(w.get("tags") or []), str(cfg.name), stage, f"gate={cfg.gate.get('param')}",
+            f"data={cfg.data.get('source')}"]
+    return {"project": w.get("project"), "entity": w.get("entity"), "mode": w.get("mode"),
+            "group": w.get("group") or (f"{cfg.name}-sweep-{sweep}" if sweep else str(cfg.name)),
+            "job_type": stage, "name": "-".join(p for p in (str(w.get("name") or cfg.name), stage, job) if p),
+            "tags": list(dict.fromkeys(str(t) for t in tags))}
+
+
+def _stage_run(w: dict[str, Any], save_dir: Path) -> Any:
+    """The open W&B run if it is this stage's of this job (same name, group, job type, directory): the stage's
+    second trainer logs into it. Any other open run (a caller's, an earlier test's) is finished first."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return None
+    same = (run.name, run.group, run.job_type) == (w["name"], w["group"], w["job_type"]) and \
+        Path(run.dir).resolve().is_relative_to(save_dir.resolve())
+    if not same:
+        finish_wandb()
+    return run if same else None
+
+
+def make_loggers(cfg: DictConfig, stage: str | None = None) -> list[Any]:
+    """The loggers of `logger=` for the current stage. W&B: one run per stage and job (`wandb_settings`, opened
+    here with the whole resolved config, reused by the stage's later trainers: the Fisher stage's two passes)."""
     if not cfg.get("logger"):
         return []
-    return [instantiate(c) for c in cfg.logger.values() if c is not None and "_target_" in c]
+    loggers = []
+    for key, c in cfg.logger.items():
+        if c is None or "_target_" not in c:
+            continue
+        if key != "wandb":
+            loggers.append(instantiate(c))
+            continue
+        w = wandb_settings(cfg, stage)
+        run = _stage_run(w, Path(str(c.save_dir)))
+        logger = instantiate(c, _convert_="all", **w, **({"experiment": run} if run is not None else {}))
+        if run is None:
+            logger.log_hyperparams(flat_config(cfg))
+        loggers.append(logger)
+    return loggers
 
 
 def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, callbacks: list | None = None,
-                 **kwargs: Any) -> L.Trainer:
+                 stage: str | None = None, **kwargs: Any) -> L.Trainer:
     """cfg.trainer, with a stage's own trainer settings (e.g. `lm.trainer`) merged on top.
 
     `ckpt_every_n_steps` in those settings is ours, not Lightning's: when present it adds a ResumeCheckpoint
@@ -127,7 +214,7 @@ def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, ca
         require(isinstance(every, int) and every >= 0,
                 f"ckpt_every_n_steps must be a number of steps (0: after validations only), got {every!r}")
         callbacks.append(ResumeCheckpoint(every))
-    return instantiate(tcfg, callbacks=callbacks, logger=make_loggers(cfg) or False,
+    return instantiate(tcfg, callbacks=callbacks, logger=make_loggers(cfg, stage) or False,
                        plugins=[AtomicCheckpointIO()], **kwargs)
 
 

@@ -104,3 +104,52 @@ def compose_cfg(tmp_path: Path) -> Iterator[ComposeCfg]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+def read_wandb_run(run_dir: Path) -> dict:
+    """What an offline W&B run (`<save_dir>/wandb/offline-run-*`) recorded: {"run": its group, job_type, name, tags
+    and config, "keys": the metric keys logged, "summary": summary keys, "exited": whether it was finished}.
+
+    wandb (0.2x+) writes the `.wandb` file from its Go core, with no Python reader: it is a LevelDB log (32 KiB
+    blocks of records, each a 7-byte header — CRC, length, type: full/first/middle/last — and a fragment) after a
+    7-byte file header, each record a `wandb_internal_pb2.Record`.
+    """
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("*.wandb")
+    raw, block = path.read_bytes(), 32768
+    pos, frags, records = 7, b"", []
+    while pos + 7 <= len(raw):
+        room = block - pos % block
+        if room < 7:  # a block's tail too short for a header is padding
+            pos += room
+            continue
+        length, kind = int.from_bytes(raw[pos + 4 : pos + 6], "little"), raw[pos + 6]
+        if kind == 0:  # zeros: the rest of the block (or file) is padding
+            pos += room
+            continue
+        frags += raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, last: a whole record
+            rec = pb.Record()
+            rec.ParseFromString(frags)
+            records.append(rec)
+            frags = b""
+    out: dict = {"run": {}, "keys": set(), "summary": set(), "exited": False}
+    for rec in records:
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            r = rec.run
+            out["run"] = {"group": r.run_group, "job_type": r.job_type, "name": r.display_name, "tags": list(r.tags),
+                          "config": {u.key: json.loads(u.value_json) for u in r.config.update}}
+        elif kind == "config":
+            out["run"].setdefault("config", {}).update({u.key: json.loads(u.value_json) for u in rec.config.update})
+        elif kind == "history":
+            out["keys"] |= {i.key or i.nested_key[0] for i in rec.history.item}  # a media's own fields: its key
+        elif kind == "summary":
+            out["summary"] |= {i.key or i.nested_key[0] for i in rec.summary.update}
+        elif kind == "exit":
+            out["exited"] = True
+    return out

@@ -109,6 +109,31 @@ def test_logger_preset_trains(logger: str, compose_cfg, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_wandb_opens_one_run_per_stage_and_job(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """logger=wandb (offline): `stage=all` gives each stage its own finished W&B run (job_type the stage, grouped by
+    experiment, the whole resolved config, the user's tags kept); a sweep's jobs are named by their overrides and
+    grouped by the sweep."""
+    from dynlm_pl import runtime
+    from dynlm_pl.pipeline import run_stages
+    from tests.conftest import read_wandb_run
+
+    cfg = compose_cfg(["experiment=smoke", "logger=wandb", "stage=all", "pipeline=[lm,fisher]", "fisher.tokens=200",
+                       "logger.wandb.tags=[mine]", *TINY_SYNTHETIC])
+    run_stages(cfg)
+    runs = [read_wandb_run(d) for d in sorted((tmp_path / "smoke" / "wandb").glob("offline-run-*"))]
+    assert [r["run"]["job_type"] for r in runs] == ["lm", "fisher"]
+    assert [r["run"]["name"] for r in runs] == ["smoke-lm", "smoke-fisher"]
+    assert all(r["exited"] and r["run"]["group"] == "smoke" for r in runs)
+    assert all({"mine", "smoke", "gate=krause", "data=synthetic"} <= set(r["run"]["tags"]) for r in runs)
+    conf = runs[0]["run"]["config"]
+    assert conf["seed"] == 1111 and conf["meta.optim.lr"] == cfg.meta.optim.lr and conf["data.bptt"] == 8
+    assert "train/ppl" in runs[0]["keys"] and not any(k.startswith("train/") for k in runs[1]["keys"])
+    monkeypatch.setattr(runtime, "sweep_job", lambda: ("2026-12-04_15-00-00", "unroll=2"))
+    w = runtime.wandb_settings(cfg, "meta")
+    assert (w["group"], w["name"], w["job_type"]) == ("smoke-sweep-2026-12-04_15-00-00", "smoke-meta-unroll=2", "meta")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", presets("experiment"))
 def test_experiment_preset_trains(experiment: str, compose_cfg, tmp_path: Path, request) -> None:
     cfg = compose_cfg([f"experiment={experiment}"])

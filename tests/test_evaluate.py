@@ -215,7 +215,7 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     import shutil
 
     from dynlm_pl.stages import meta as meta_stage
-    from tests.conftest import compose_config
+    from tests.conftest import compose_config, read_wandb_run
 
     _, _, src = evaluated
     cfg = compose_config([*OVERRIDES, "unroll=3", "meta.steps=4", "meta.val_every=2", "meta.val_tokens=300",
@@ -238,6 +238,11 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     media = [n for n in logged if n.endswith(".png")]
     assert any(n.startswith("gates-test") for n in media), media  # plots uploaded as images
     assert any(n.endswith(".table.json") for n in logged), logged  # the per-article table
+    recorded = [read_wandb_run(r) for r in runs]  # one finished run per stage: meta's, then evaluate's
+    assert [r["run"]["job_type"] for r in recorded] == ["meta", "evaluate"] and all(r["exited"] for r in recorded)
+    assert recorded[1]["run"]["config"]["eval.max_tokens"] == 300
+    assert {"test/meta/ppl", "test/meta/gain_vs_static", "test/meta/gain_vs_rms_lo"} <= recorded[1]["summary"]
+    assert {"test/articles", "test/meta_gain_per_article_table", "test/tokens"} <= recorded[1]["keys"]
     # fisher.pt recomputed after meta-training: φ read other features than it was trained on -> refused
     art = torch.load(out / "fisher.pt", map_location="cpu", weights_only=False)
     art["meta"] = {**art.get("meta", {}), "recomputed": True}

@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         data_source=corpus.source, vocab_hash=corpus.vocab_hash, **primitives(cfg.lm.optim))
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="lm-best", monitor="val/ppl", mode="min",
                            save_last=True, save_top_k=1, enable_version_counter=False)
-    trainer = make_trainer(cfg, cfg.lm.get("trainer"), callbacks=[ckpt])
+    trainer = make_trainer(cfg, cfg.lm.get("trainer"), callbacks=[ckpt], stage="lm")
     resume = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(resume) if cfg.get("resume") and resume.is_file() else None
     if ckpt_path:

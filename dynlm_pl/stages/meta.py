@@ -180,8 +180,8 @@ def _fit(cfg: DictConfig, module: MetaTrainModule, dm: WikiText2DataModule,
     m = cfg.meta
     ckpt = ModelCheckpoint(dirpath=ckdir, filename="meta-best", monitor="val/adaptive_loss", mode="min",
                            save_last=True, save_top_k=1, enable_version_counter=False)
-    trainer = make_trainer(cfg, m.get("trainer"), callbacks=[ckpt], max_epochs=-1, max_steps=int(m.steps),
-                           max_time=m.get("max_time"), val_check_interval=int(m.val_every),
+    trainer = make_trainer(cfg, m.get("trainer"), callbacks=[ckpt], stage="meta", max_epochs=-1,
+                           max_steps=int(m.steps), max_time=m.get("max_time"), val_check_interval=int(m.val_every),
                            check_val_every_n_epoch=None, limit_val_batches=1)
     require(int(m.streams) % trainer.world_size == 0, f"meta.streams={m.streams} cannot be split evenly over "
             f"{trainer.world_size} processes; make it a multiple of trainer.devices × trainer.num_nodes")
