@@ -9,11 +9,12 @@ from dynlm_pl.cli import cli, main_guard
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     # Imported here, not at the top: a bad command line is refused before torch and Lightning load.
-    from dynlm_pl.pipeline import run_stages
+    from dynlm_pl.pipeline import objective, run_stages
 
-    main_guard(lambda: run_stages(cfg))
+    # the return value is what a sweeper plugin optimises (hydra/sweeper=optuna): validation perplexity, never test
+    return main_guard(lambda: objective(run_stages(cfg)))
 
 
 if __name__ == "__main__":

@@ -81,8 +81,10 @@ def _legacy_lm(blob: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, Any
 def load_lm(path: str | Path) -> tuple[Backbone, dict[str, Any]]:
     """θ* from an `lm.ckpt` in eval mode, and its provenance (`vocab_hash`, `data_source`, `vocab`, `model`...)."""
     path = Path(path)
-    require(path.is_file(), f"no LM checkpoint at {path}; run `python train.py stage=lm` with the same "
-            "experiment/name first")
+    above = path.parent.parent / path.name  # a sweep job's directory is runs/<name>/<overrides>/: the run above it
+    require(path.is_file(), f"no LM checkpoint at {path}; " + (
+        f"a sweep job reads its own directory: add from_run={above.parent.name} to start from {above}" if
+        above.is_file() else "run `python train.py stage=lm` with the same experiment/name first"))
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
         if blob.get("format") == LM_FORMAT:

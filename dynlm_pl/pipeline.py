@@ -38,6 +38,14 @@ def stage_config(cfg: DictConfig, name: str) -> DictConfig:
     return c
 
 
+def objective(results: dict[str, Any]) -> float | None:
+    """What a Hydra sweeper (Optuna, Ax, Nevergrad) minimises: the last stage's perplexity on held-out validation
+    text (`val_ppl`: lm's validation split, meta's selection slice), never a test figure; None when no stage ran
+    one (evaluate alone)."""
+    vals = [r["val_ppl"] for r in results.values() if isinstance(r, dict) and "val_ppl" in r]
+    return float(vals[-1]) if vals else None
+
+
 def run_stages(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0") and not cfg.get("resume"):

@@ -199,16 +199,31 @@ def make_loggers(cfg: DictConfig, stage: str | None = None) -> list[Any]:
     return loggers
 
 
+def command_line_trainer(cfg: DictConfig) -> dict[str, Any]:
+    """The `trainer.*` keys the user set on the command line (Hydra's task overrides), as composed: they win over a
+    stage's own trainer settings (`lm.trainer.max_epochs`, the meta stage's max_steps), which would otherwise hide
+    `trainer.max_epochs=1` silently. {} outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task]
+    return {k[len("trainer."):]: OmegaConf.select(cfg, k) for k in keys if k.startswith("trainer.")}
+
+
 def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, callbacks: list | None = None,
                  stage: str | None = None, **kwargs: Any) -> L.Trainer:
-    """cfg.trainer, with a stage's own trainer settings (e.g. `lm.trainer`) merged on top.
+    """cfg.trainer, with a stage's own trainer settings (e.g. `lm.trainer`, then `kwargs`) merged on top, and the
+    command line's `trainer.*` over both (`command_line_trainer`).
 
     `ckpt_every_n_steps` in those settings is ours, not Lightning's: when present it adds a ResumeCheckpoint
     writing `last.ckpt` after every validation and every that many steps (0: after validations only).
     """
     overrides = dict(overrides or {})
     every = overrides.pop("ckpt_every_n_steps", None)
-    tcfg = OmegaConf.merge(cfg.trainer, overrides)
+    user = command_line_trainer(cfg)
+    tcfg = OmegaConf.merge(cfg.trainer, overrides, user)
+    kwargs = {k: v for k, v in kwargs.items() if k not in user}
     callbacks = list(callbacks or [])
     if every is not None:
         require(isinstance(every, int) and every >= 0,

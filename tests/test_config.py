@@ -108,6 +108,36 @@ def test_logger_preset_trains(logger: str, compose_cfg, tmp_path: Path) -> None:
         assert list((tmp_path / "smoke" / "logs").rglob("metrics.csv")), "the CSV logger wrote no metrics"
 
 
+def test_command_line_trainer_settings_win_over_a_stages_own(compose_cfg) -> None:
+    """`trainer.max_epochs=1` on the command line beats `lm.trainer.max_epochs` (experiment=smoke: 3) and a stage's
+    own arguments (the meta stage's max_steps); without it the stage's settings hold. A sweeper minimises the last
+    stage's validation perplexity, never a test figure."""
+    from dynlm_pl.pipeline import objective
+    from dynlm_pl.runtime import make_trainer
+
+    cfg = compose_cfg(["experiment=smoke", "trainer.max_epochs=1", "trainer.max_steps=2"])
+    assert make_trainer(cfg, cfg.lm.trainer).max_epochs == 1
+    assert make_trainer(cfg, None, max_steps=40).max_steps == 2
+    cfg = compose_cfg(["experiment=smoke"])
+    assert make_trainer(cfg, cfg.lm.trainer).max_epochs == 3 and make_trainer(cfg, None, max_steps=40).max_steps == 40
+    assert objective({"lm": {"val_ppl": 120.0}, "fisher": {}, "meta": {"val_ppl": 90.0}, "evaluate": {}}) == 90.0
+    assert objective({"evaluate": {"splits": {}}}) is None
+
+
+def test_a_sweep_job_without_its_lm_is_told_to_start_from_the_run_above(tmp_path: Path) -> None:
+    """`-m stage=meta unroll=2,3` after `stage=lm`: each job reads runs/<name>/<overrides>/, which has no lm.ckpt;
+    the error names the fix (from_run=<name>) instead of telling the user to pretrain again."""
+    from dynlm_pl.artifacts import load_lm
+    from dynlm_pl.errors import DynlmError
+
+    (tmp_path / "smoke" / "unroll=2").mkdir(parents=True)
+    with pytest.raises(DynlmError, match=r"run `python train\.py stage=lm`"):
+        load_lm(tmp_path / "smoke" / "unroll=2" / "lm.ckpt")
+    (tmp_path / "smoke" / "lm.ckpt").write_bytes(b"")
+    with pytest.raises(DynlmError, match=r"add from_run=smoke to start from .*smoke/lm.ckpt$"):
+        load_lm(tmp_path / "smoke" / "unroll=2" / "lm.ckpt")
+
+
 @pytest.mark.slow
 def test_wandb_opens_one_run_per_stage_and_job(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """logger=wandb (offline): `stage=all` gives each stage its own finished W&B run (job_type the stage, grouped by

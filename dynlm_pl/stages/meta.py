@@ -232,7 +232,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     init = module.adaptive_loss(val)
     print("[meta] validation slice (" + f"{val.numel()} tokens) ppl: "
           + ", ".join(f"{k} {_ppl(v):.2f}" for k, v in base.items()) + f", meta@init {_ppl(init):.2f}")
-    module.baseline_ppl = {k: _ppl(v) for k, v in base.items()}
+    # logged at every validation as constant lines (val/<k>_ppl): φ against the tuned rules and its own start
+    module.baseline_ppl = {**{k: _ppl(v) for k, v in base.items()}, "meta_init": _ppl(init)}
     # φ at initialization is a candidate too: with gate=krause_init it IS Krause's rule, which meta.ckpt
     # must never do worse than on the validation slice.
     init_ckpt = {"hyper_parameters": dict(module.hparams), "dynamic_names": list(module.dyn.spec.names),
