@@ -6,6 +6,7 @@ Imports neither torch nor Lightning, so a bad command line is refused before the
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import sys
@@ -40,10 +41,21 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def one_line_per_log_record() -> None:
+    """Lightning gives its `lightning` logger a stderr handler of its own and still lets records propagate to the
+    root logger, which Hydra's job logging prints (and writes to the job's log file): every Lightning line came out
+    twice. With a root handler in place, drop Lightning's."""
+    lg = logging.getLogger("lightning")
+    if logging.getLogger().handlers:
+        for h in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
+            lg.removeHandler(h)
+
+
 def main_guard(fn: Callable[[], Any]) -> Any:
     """Turn a DynlmError into one line on stderr and exit status 2 (143 for a run stopped by a signal, `Stopped`),
-    and tune the allocator (`keep_freed_memory`)."""
+    tune the allocator (`keep_freed_memory`) and print each log record once (`one_line_per_log_record`)."""
     keep_freed_memory()
+    one_line_per_log_record()
     try:
         return fn()
     except DynlmError as e:

@@ -214,6 +214,7 @@ def test_lm_resume_after_a_kill_or_sigterm_matches_uninterrupted(sig: signal.Sig
     assert not (cut_root / "smoke" / "lm.ckpt").exists()
     p = run_cli("train.py", cut_root, *LM_RESUME, "resume=true")
     assert p.returncode == 0, p.stderr[-3000:]
+    assert (p.stdout + p.stderr).count("GPU available:") == 1  # Lightning's lines once (Hydra's log), not twice
 
     ref, res = lm_uninterrupted, cut_root / "smoke"
     a_lm, b_lm = load(ref / "lm.ckpt"), load(res / "lm.ckpt")
