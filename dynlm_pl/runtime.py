@@ -201,8 +201,8 @@ def make_loggers(cfg: DictConfig, stage: str | None = None) -> list[Any]:
 
 def command_line_trainer(cfg: DictConfig) -> dict[str, Any]:
     """The `trainer.*` keys the user set on the command line (Hydra's task overrides), as composed: they win over a
-    stage's own trainer settings (`lm.trainer.max_epochs`, the meta stage's max_steps), which would otherwise hide
-    `trainer.max_epochs=1` silently. {} outside a Hydra job."""
+    stage's trainer settings (`lm.trainer.max_epochs`), which would otherwise hide `trainer.max_epochs=1` silently.
+    {} outside a Hydra job."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -213,8 +213,9 @@ def command_line_trainer(cfg: DictConfig) -> dict[str, Any]:
 
 def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, callbacks: list | None = None,
                  stage: str | None = None, **kwargs: Any) -> L.Trainer:
-    """cfg.trainer, with a stage's own trainer settings (e.g. `lm.trainer`, then `kwargs`) merged on top, and the
-    command line's `trainer.*` over both (`command_line_trainer`).
+    """cfg.trainer, with a stage's trainer settings (e.g. `lm.trainer`) merged on top, the command line's
+    `trainer.*` over those (`command_line_trainer`), and `kwargs` last: what the stage's code needs (the Fisher
+    pass's full precision, the meta stage's steps from meta.steps); a command-line key they override gets a note.
 
     `ckpt_every_n_steps` in those settings is ours, not Lightning's: when present it adds a ResumeCheckpoint
     writing `last.ckpt` after every validation and every that many steps (0: after validations only).
@@ -223,7 +224,10 @@ def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, ca
     every = overrides.pop("ckpt_every_n_steps", None)
     user = command_line_trainer(cfg)
     tcfg = OmegaConf.merge(cfg.trainer, overrides, user)
-    kwargs = {k: v for k, v in kwargs.items() if k not in user}
+    for k in sorted(set(user) & set(kwargs)):
+        if user[k] != kwargs[k]:
+            print(f"[{stage or 'trainer'}] trainer.{k}={user[k]!r} does not apply here: this stage sets {k}="
+                  f"{kwargs[k]!r} itself (from its own settings, e.g. meta.steps for max_steps)", flush=True)
     callbacks = list(callbacks or [])
     if every is not None:
         require(isinstance(every, int) and every >= 0,

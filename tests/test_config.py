@@ -108,16 +108,18 @@ def test_logger_preset_trains(logger: str, compose_cfg, tmp_path: Path) -> None:
         assert list((tmp_path / "smoke" / "logs").rglob("metrics.csv")), "the CSV logger wrote no metrics"
 
 
-def test_command_line_trainer_settings_win_over_a_stages_own(compose_cfg) -> None:
-    """`trainer.max_epochs=1` on the command line beats `lm.trainer.max_epochs` (experiment=smoke: 3) and a stage's
-    own arguments (the meta stage's max_steps); without it the stage's settings hold. A sweeper minimises the last
-    stage's validation perplexity, never a test figure."""
+def test_command_line_trainer_settings_win_over_a_stages_own(compose_cfg, capsys: pytest.CaptureFixture) -> None:
+    """`trainer.max_epochs=1` on the command line beats `lm.trainer.max_epochs` (experiment=smoke: 3); what a stage's
+    code sets (the meta stage's max_steps from meta.steps) stays, with a note. A sweeper minimises the last stage's
+    validation perplexity, never a test figure."""
     from dynlm_pl.pipeline import objective
     from dynlm_pl.runtime import make_trainer
 
     cfg = compose_cfg(["experiment=smoke", "trainer.max_epochs=1", "trainer.max_steps=2"])
     assert make_trainer(cfg, cfg.lm.trainer).max_epochs == 1
-    assert make_trainer(cfg, None, max_steps=40).max_steps == 2
+    assert make_trainer(cfg, None, stage="meta", max_steps=40).max_steps == 40
+    note = "[meta] trainer.max_steps=2 does not apply here: this stage sets max_steps=40 itself"
+    assert note in capsys.readouterr().out
     cfg = compose_cfg(["experiment=smoke"])
     assert make_trainer(cfg, cfg.lm.trainer).max_epochs == 3 and make_trainer(cfg, None, max_steps=40).max_steps == 40
     assert objective({"lm": {"val_ppl": 120.0}, "fisher": {}, "meta": {"val_ppl": 90.0}, "evaluate": {}}) == 90.0
