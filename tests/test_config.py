@@ -83,7 +83,7 @@ def test_model_preset_trains(model: str, compose_cfg) -> None:
 
 def _cpu_trainer(name: str, tmp_path: Path) -> bool:
     cfg = compose_config([f"trainer={name}"], tmp_path)
-    return cfg.trainer.accelerator == "cpu" or torch.cuda.is_available()
+    return cfg.trainer.accelerator in ("cpu", "auto") or torch.cuda.is_available()  # auto: the CPU here
 
 
 @pytest.mark.slow
