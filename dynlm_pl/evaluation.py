@@ -147,9 +147,7 @@ def _methods(cfg: DictConfig, out: Path, lm: Backbone, lm_sha: str, valid: Tenso
     for m, why in ms.notes.items():
         print(f"[evaluate] {m}: {why}")
     need_tune = [m for m in TUNED if m in ms.rules]
-    if need_tune:
-        require(valid is not None, "tuning sgd/rms/rms_pt needs the validation split: evaluate a text file with "
-                "eval.methods=[static,meta] or run on the corpus the LM was trained on first")
+    if need_tune:  # (a text file has no validation split: the baselines tuned on the LM's own corpus, tuned.json)
         ms.tuned = tuned_baselines(cfg, out, lm, valid, base_dyn, lm_sha, need_tune)
         for m in need_tune:
             ms.rules[m], ms.dyns[m] = build_rule(m, ms.tuned[m]["hparams"], base_dyn), base_dyn

@@ -257,8 +257,8 @@ def barrier() -> None:
         dist.barrier()
 
 
-def tuned_baselines(cfg: DictConfig, out: Path, lm: Backbone, valid: torch.Tensor, dyn: DynamicWeights, lm_sha: str,
-                    methods: list[str]) -> dict[str, dict[str, Any]]:
+def tuned_baselines(cfg: DictConfig, out: Path, lm: Backbone, valid: torch.Tensor | None, dyn: DynamicWeights,
+                    lm_sha: str, methods: list[str]) -> dict[str, dict[str, Any]]:
     """tuned.json for this LM, segment and grid if it exists, else tune now (eval.tune on the selection slice, the
     first eval.tune.tokens of the validation split) and store it. Shared by the meta stage (φ starts at the better
     tuned rule) and evaluate.py (the baselines' rows)."""
@@ -275,6 +275,9 @@ def tuned_baselines(cfg: DictConfig, out: Path, lm: Backbone, valid: torch.Tenso
     if not missing:
         print(f"[tune] reusing tuned {', '.join(methods)} from {path}")
         return {m: best[m] for m in methods}
+    require(valid is not None, f"tuning {', '.join(missing)} needs the LM's validation split, and {path} holds no "
+            "tuning of them for this LM, segment and grid: run python evaluate.py on the corpus the LM was trained "
+            "on first (it keeps tuned.json), or evaluate the text file with eval.methods=[static,meta]")
     t0 = time.time()
 
     def keep(method: str, result: dict[str, Any]) -> None:  # each method as it finishes: a kill loses one at most

@@ -208,6 +208,23 @@ def test_textfile_unknown_words_and_bad_method(evaluated: tuple[DictConfig, dict
         evaluation.run(tf)
 
 
+def test_without_a_validation_split_the_baselines_come_from_tuned_json(
+        evaluated: tuple[DictConfig, dict, Path], tmp_path: Path) -> None:
+    """data=textfile has no validation split (valid None): sgd and rms come from the run's tuned.json, tuned on the
+    LM's own corpus; without it the error says what to do."""
+    import shutil
+
+    cfg, _, src = evaluated
+    lm, _ = load_lm(src / "lm.ckpt")
+    sha = file_sha256(src / "lm.ckpt")
+    got = runtime.tuned_baselines(cfg, src, lm, None, None, sha, ["sgd", "rms"])
+    assert got == {m: json.loads((src / "tuned.json").read_text())["best"][m] for m in ("sgd", "rms")}
+    for name in ("lm.ckpt", "fisher.pt"):
+        shutil.copy(src / name, tmp_path / name)
+    with pytest.raises(DynlmError, match=r"tuning sgd, rms needs the LM's validation split, and .*tuned\.json holds"):
+        runtime.tuned_baselines(cfg, tmp_path, lm, None, None, sha, ["sgd", "rms"])
+
+
 def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Path],
                                            tmp_path: Path) -> None:
     """A trained meta-learner's gate plot is drawn, and `logger=wandb` under WANDB_MODE=offline writes a local
