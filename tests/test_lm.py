@@ -257,6 +257,15 @@ def test_evaluate_without_lm_ckpt_exits_2(tmp_path: Path) -> None:
     assert "lm.ckpt" in line and "stage=lm" in line
 
 
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_help_explains_the_stages_not_a_config_dump(script: str, tmp_path: Path) -> None:
+    p = run_cli(script, "--help", root=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for line in ("lm      pretrain the LM", "runs/<name>/", "gate: krause_drift, krause_fast", "--cfg job"):
+        assert line in p.stdout, p.stdout
+    assert "seed: 1111" not in p.stdout and len(p.stdout.splitlines()) < 60  # no 200-line dump of every key
+
+
 def test_unknown_override_fails(tmp_path: Path) -> None:
     p = run_cli("train.py", "experiment=smoke", "data.no_such_key=1", root=tmp_path)
     assert p.returncode != 0
