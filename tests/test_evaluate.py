@@ -257,7 +257,7 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     assert any(n.endswith(".table.json") for n in logged), logged  # the per-article table
     recorded = [read_wandb_run(r) for r in runs]  # one finished run per stage: meta's, then evaluate's
     assert [r["run"]["job_type"] for r in recorded] == ["meta", "evaluate"] and all(r["exited"] for r in recorded)
-    assert {"val/adaptive_ppl", "val/rms_ppl", "val/meta_init_ppl"} <= recorded[0]["keys"]  # φ vs its references
+    assert {"val/adaptive_ppl", "val/rms_ppl", "val/meta_init_ppl", "val/gain_vs_rms"} <= recorded[0]["keys"]
     assert recorded[1]["run"]["config"]["eval.max_tokens"] == 300
     assert {"test/meta/ppl", "test/meta/gain_vs_static", "test/meta/gain_vs_rms_lo"} <= recorded[1]["summary"]
     assert {"test/articles", "test/meta_gain_per_article_table", "test/tokens"} <= recorded[1]["keys"]

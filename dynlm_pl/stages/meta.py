@@ -83,9 +83,10 @@ def baselines(lm: Backbone, dyn: DynamicWeights, tokens: Tensor, cfg: DictConfig
     methods = ["static", "sgd"] + (["rms"] if dyn.ms is not None else []) + (["rms_pt"] if "rms_pt" in hps else [])
     # the tuned rules' losses on the whole selection slice at eval.segment are in tuned.json already
     same = tokens.numel() == int(cfg.eval.tune.tokens) and int(cfg.meta.segment) == int(cfg.eval.segment)
+    bar = bool(cfg.trainer.get("enable_progress_bar", True))
     return {k: float(tuned[k]["tune_loss"]) if same and k in tuned else
             float(adaptive_eval(lm, tokens, build_rule(k, hps[k], dyn), int(cfg.meta.segment), dyn,
-                                max_drift=cfg.eval.get("max_drift")).mean())
+                                max_drift=cfg.eval.get("max_drift"), progress=bar and f"{k} (selection slice)").mean())
             for k in methods}
 
 
@@ -229,7 +230,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.time()
     val = dm.selection_slice()
     base = baselines(lm, module.dyn, val, cfg, tuned)
-    init = module.adaptive_loss(val)
+    init = module.adaptive_loss(val, progress=bool(cfg.trainer.get("enable_progress_bar", True))
+                                and "meta@init (selection slice)")
     print("[meta] validation slice (" + f"{val.numel()} tokens) ppl: "
           + ", ".join(f"{k} {_ppl(v):.2f}" for k, v in base.items()) + f", meta@init {_ppl(init):.2f}")
     # logged at every validation as constant lines (val/<k>_ppl): φ against the tuned rules and its own start

@@ -157,12 +157,16 @@ class MetaTrainModule(L.LightningModule):
                       batch_size=1)
         if self.baseline_ppl:  # φ against the tuned rules on the same slice (constant lines)
             self.log_dict({f"val/{k}_ppl": v for k, v in self.baseline_ppl.items()}, prog_bar=False, batch_size=1)
+        if "rms" in self.baseline_ppl:  # the bar shows 3 digits: 130 for 129.6; the gain over rms (%) is readable
+            self.log("val/gain_vs_rms", 100.0 * (1.0 - math.exp(min(loss, 50.0)) / self.baseline_ppl["rms"]),
+                     prog_bar=True, batch_size=1)
 
-    def adaptive_loss(self, tokens: Tensor) -> float:
-        """Mean token loss of adaptive evaluation (batch 1, score then update) over `tokens` [N]."""
+    def adaptive_loss(self, tokens: Tensor, progress: bool | str = False) -> float:
+        """Mean token loss of adaptive evaluation (batch 1, score then update) over `tokens` [N] (`progress`: a bar,
+        or its label)."""
         with torch.no_grad():
             losses = adaptive_eval(self.lm, tokens, self.rule, self.hparams.segment, self.dyn,
-                                   max_drift=self.hparams.get("max_drift"))
+                                   max_drift=self.hparams.get("max_drift"), progress=progress)
         return float(losses.mean())
 
     # -- optimizer and checkpoint content -------------------------------------------------------------
