@@ -531,6 +531,9 @@ def _to_wandb(cfg: DictConfig, out: Path, results: dict[str, Any], articles: dic
             run.log({f"{split}/meta_gain_per_article": wandb.plot.bar(table, "title", gain,
                                                                       title=f"meta's gain over static ({split}, %)")})
         run.summary.update(_summary(split, res))
+        series = _gain_series(out, split, int(cfg.eval.smooth))
+        if series is not None:
+            run.log({f"{split}/gain_along_stream": series})
         for p in sorted((out / "plots").glob(f"*-{split}.png")):
             run.log({f"{split}/{p.stem}": wandb.Image(str(p))})
         html = out / "plots" / f"tokens-{split}.html"
@@ -559,6 +562,23 @@ def _article_table(out: Path, split: str, methods: list[str], articles: list[tup
         data.append([k, r["title"], r["tokens"], *ppl.values(),
                      *[100.0 * (1.0 - ppl[m] / ppl[b]) for m, b in pairs]])
     return wandb.Table(columns=cols, data=data)
+
+
+def _gain_series(out: Path, split: str, window: int, points: int = 1000) -> Any:
+    """W&B line series of each adaptive method's perplexity gain over static along the stream (report.gain_curve,
+    the gain plot's curves), at `points` token positions; None without static."""
+    import wandb
+
+    with np.load(out / f"losses-{split}.npz") as z:
+        losses = {m: z[m].astype(np.float64) for m in z.files}
+    if "static" not in losses or len(losses) < 2:
+        return None
+    n = len(losses["static"])
+    at = np.unique(np.linspace(0, n - 1, min(points, n)).astype(int))
+    methods = [m for m in losses if m != "static"]
+    ys = [report.gain_curve(losses[m], losses["static"], window)[at].tolist() for m in methods]
+    return wandb.plot.line_series(xs=at.tolist(), ys=ys, keys=methods, title=f"ppl gain over static ({split})",
+                                  xname="token")
 
 
 def _summary(split: str, res: dict[str, Any]) -> dict[str, float]:

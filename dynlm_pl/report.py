@@ -72,6 +72,12 @@ def smooth(x: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(x, k, mode="same") / np.convolve(np.ones_like(x), k, mode="same")
 
 
+def gain_curve(a: np.ndarray, b: np.ndarray, window: int) -> np.ndarray:
+    """The perplexity gain of model A over model B along the stream, exp(smoothed loss_B) − exp(smoothed loss_A)
+    (higher: A better), per token."""
+    return np.exp(smooth(b, window)) - np.exp(smooth(a, window))
+
+
 def plot_gain_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], articles: Sequence[tuple[int, str]],
                      path: str | Path, window: int = 500, max_tokens: int | None = None) -> None:
     """Figure 2 (left) of the paper: instantaneous perplexity gain of model A over model B along the
@@ -84,7 +90,7 @@ def plot_gain_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], articles:
     fig, axes = plt.subplots(len(curves), 1, figsize=(12, 2.6 * len(curves)), sharex=True, squeeze=False)
     for ax, (label, (a, b)) in zip(axes[:, 0], curves.items(), strict=True):
         n = len(a) if max_tokens is None else min(len(a), max_tokens)
-        gain = np.exp(smooth(b[:n], window)) - np.exp(smooth(a[:n], window))
+        gain = gain_curve(a[:n], b[:n], window)
         ax.plot(np.arange(n), gain, lw=0.8)
         ax.axhline(0, color="k", lw=0.5)
         for o, _ in articles:

@@ -124,11 +124,16 @@ def stage_scope(name: str) -> Iterator[None]:
         finish_wandb()
 
 
+def wandb_run() -> Any:
+    """This process's open W&B run (a stage's, under logger=wandb), else None; W&B is not imported for it."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
 def finish_wandb() -> None:
     """Finish this process's W&B run, if W&B was ever imported and a run is open."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+    if wandb_run() is not None:
+        sys.modules["wandb"].finish()
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
@@ -167,8 +172,7 @@ def wandb_settings(cfg: DictConfig, stage: str | None = None) -> dict[str, Any]:
 def _stage_run(w: dict[str, Any], save_dir: Path) -> Any:
     """The open W&B run if it is this stage's of this job (same name, group, job type, directory): the stage's
     second trainer logs into it. Any other open run (a caller's, an earlier test's) is finished first."""
-    wandb = sys.modules.get("wandb")
-    run = getattr(wandb, "run", None) if wandb is not None else None
+    run = wandb_run()
     if run is None:
         return None
     same = (run.name, run.group, run.job_type) == (w["name"], w["group"], w["job_type"]) and \

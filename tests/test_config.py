@@ -160,6 +160,7 @@ def test_wandb_opens_one_run_per_stage_and_job(compose_cfg, tmp_path: Path, monk
     conf = runs[0]["run"]["config"]
     assert conf["seed"] == 1111 and conf["meta.optim.lr"] == cfg.meta.optim.lr and conf["data.bptt"] == 8
     assert "train/ppl" in runs[0]["keys"] and not any(k.startswith("train/") for k in runs[1]["keys"])
+    assert {"fisher/tensors", "fisher/log10_F/encoder.weight"} <= runs[1]["keys"]  # the Fisher's statistics
     monkeypatch.setattr(runtime, "sweep_job", lambda: ("2026-12-04_15-00-00", "unroll=2"))
     w = runtime.wandb_settings(cfg, "meta")
     assert (w["group"], w["name"], w["job_type"]) == ("smoke-sweep-2026-12-04_15-00-00", "smoke-meta-unroll=2", "meta")

@@ -260,7 +260,8 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     assert {"val/adaptive_ppl", "val/rms_ppl", "val/meta_init_ppl", "val/gain_vs_rms"} <= recorded[0]["keys"]
     assert recorded[1]["run"]["config"]["eval.max_tokens"] == 300
     assert {"test/meta/ppl", "test/meta/gain_vs_static", "test/meta/gain_vs_rms_lo"} <= recorded[1]["summary"]
-    assert {"test/articles", "test/meta_gain_per_article_table", "test/tokens"} <= recorded[1]["keys"]
+    assert {"test/articles", "test/meta_gain_per_article_table", "test/tokens", "test/gain_along_stream_table"} <= \
+        recorded[1]["keys"]
     # fisher.pt recomputed after meta-training: φ read other features than it was trained on -> refused
     art = torch.load(out / "fisher.pt", map_location="cpu", weights_only=False)
     art["meta"] = {**art.get("meta", {}), "recomputed": True}

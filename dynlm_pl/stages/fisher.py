@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
@@ -23,7 +24,7 @@ from dynlm_pl.errors import DynlmError, require
 from dynlm_pl.files import file_sha256
 from dynlm_pl.fisher import FisherArtifact, summarize
 from dynlm_pl.models import Backbone
-from dynlm_pl.runtime import make_datamodule, make_trainer, run_dir
+from dynlm_pl.runtime import make_datamodule, make_trainer, run_dir, wandb_run
 from dynlm_pl.systems.fisher import FisherModule
 
 
@@ -56,6 +57,19 @@ def _one_pass(cfg: DictConfig, out: Path, dm: WikiText2DataModule, model: Backbo
     blob = torch.load(partial, weights_only=True)
     partial.unlink()
     return blob["fisher"], blob["tokens"], time.time() - t0, trainer.world_size
+
+
+def _log_to_wandb(run: Any, fisher: dict[str, Tensor], ms: dict[str, Tensor]) -> None:
+    """The stage's W&B run (logger=wandb): per tensor the min/median/max of F and the median RMS (a table), and a
+    histogram of log10 F per tensor."""
+    import wandb
+
+    rms = {k: med for k, _, _, med, _ in summarize({k: v.clamp_min(0).sqrt() for k, v in ms.items()})}
+    rows = [[k, "x".join(map(str, shape)), lo, med, hi, rms.get(k)] for k, shape, lo, med, hi in summarize(fisher)]
+    run.log({"fisher/tensors": wandb.Table(columns=["tensor", "shape", "F min", "F median", "F max", "RMS median"],
+                                           data=rows),
+             **{f"fisher/log10_F/{k}": wandb.Histogram(np_histogram=np.histogram(
+                 torch.log10(v.double().clamp_min(1e-30)).reshape(-1).numpy(), bins=64)) for k, v in fisher.items()}})
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -100,6 +114,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               "seconds": secs, "ms_seconds": ms_secs if fc.estimator != "batch_ms" else 0.0,
               "lm_path": str(lm_path), "torch": str(torch.__version__)})
     artifacts.save_fisher(art, out / "fisher.pt")
+    if wandb_run() is not None:
+        _log_to_wandb(wandb_run(), fisher, ms)
     total = secs + (ms_secs if fc.estimator != "batch_ms" else 0.0)
     print(f"[fisher] {fc.estimator} F over {n_tok:,} {fc.split} tokens in {secs:.1f}s"
           + (f", batch_ms over {ms_tok:,} in {ms_secs:.1f}s" if fc.estimator != "batch_ms" else "")
