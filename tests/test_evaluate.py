@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from dynlm_pl import evaluation, report, runtime
+from dynlm_pl import dashboard, evaluation, report, runtime
 from dynlm_pl.artifacts import load_fisher, load_lm
 from dynlm_pl.errors import DynlmError
 from dynlm_pl.files import file_sha256
@@ -236,7 +236,8 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
 
     _, _, src = evaluated
     cfg = compose_config([*OVERRIDES, "unroll=3", "meta.steps=4", "meta.val_every=2", "meta.val_tokens=300",
-                          "eval.methods=[static,rms,meta]", "eval.max_tokens=300", "logger=wandb"], tmp_path)
+                          "eval.methods=[static,rms,meta]", "eval.max_tokens=300", "logger=wandb",
+                          "meta.trainer.log_every_n_steps=1"], tmp_path)
     out = Path(cfg.paths.run_dir)
     out.mkdir(parents=True)
     for name in ("lm.ckpt", "fisher.pt", "tuned.json"):
@@ -262,6 +263,16 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     assert {"test/meta/ppl", "test/meta/gain_vs_static", "test/meta/gain_vs_rms_lo"} <= recorded[1]["summary"]
     assert {"test/articles", "test/meta_gain_per_article_table", "test/tokens", "test/gain_along_stream_table"} <= \
         recorded[1]["keys"]
+    # the dashboard as code reads what these runs logged: every key of its evaluation and meta-training panels
+    panels = {s.name: s.panels for s in dashboard.build("dynlm", split="test").sections}
+    ran, logged = set(res["splits"]["test"]), recorded[1]["keys"] | recorded[1]["summary"]
+    for key in [k for p in panels["evaluation"] for k in dashboard.panel_keys(p)]:
+        parts = key.split("/")
+        if len(parts) == 3 and (parts[1] not in ran or parts[2] == f"gain_vs_{parts[1]}"):
+            continue  # a method this run did not evaluate (sgd, rms_pt, meta_noflush), or rms against itself
+        assert key in logged, key
+    assert all(k in recorded[0]["keys"] for p in panels["meta-training"] for k in dashboard.panel_keys(p))
+    assert dashboard.panel_keys(panels["sweeps"][0])[:2] == ["unroll", "meta.optim.lr"]
     # fisher.pt recomputed after meta-training: φ read other features than it was trained on -> refused
     art = torch.load(out / "fisher.pt", map_location="cpu", weights_only=False)
     art["meta"] = {**art.get("meta", {}), "recomputed": True}
