@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -264,6 +265,23 @@ def test_help_explains_the_stages_not_a_config_dump(script: str, tmp_path: Path)
     for line in ("lm      pretrain the LM", "runs/<name>/", "gate: krause_drift, krause_fast", "--cfg job"):
         assert line in p.stdout, p.stdout
     assert "seed: 1111" not in p.stdout and len(p.stdout.splitlines()) < 60  # no 200-line dump of every key
+
+
+def test_a_sweep_writes_its_summary_best_first(tmp_path: Path) -> None:
+    """`python train.py -m ...`: each job returns its validation perplexity (what a sweeper plugin minimises), and
+    the sweep directory gets summary.json / summary.md listing every job, best first."""
+    p = subprocess.run([sys.executable, "train.py", "-m", f"paths.root={tmp_path}", "logger=none", "experiment=smoke",
+                        "stage=lm", "debug=fast", "data.bptt=8,12", "data.synthetic.articles={train: 6, valid: 2, "
+                        "test: 2}"], cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    jobs = json.loads((sweep / "summary.json").read_text())
+    assert sorted(j["job"] for j in jobs) == [0, 1] and all(j["status"] == "COMPLETED" for j in jobs)
+    assert jobs[0]["objective"] <= jobs[1]["objective"] and all(math.isfinite(j["objective"]) for j in jobs)
+    assert {j["run_dir"].rsplit("/", 1)[-1].split(",")[0] for j in jobs} == {"data.bptt=8", "data.bptt=12"}
+    assert (sweep / "summary.md").read_text().startswith("| job | overrides | status | val ppl | run directory |")
+    assert "[sweep] 2 jobs; best " in p.stdout
 
 
 def test_unknown_override_fails(tmp_path: Path) -> None:
