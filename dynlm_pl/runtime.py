@@ -215,13 +215,24 @@ def command_line_trainer(cfg: DictConfig) -> dict[str, Any]:
     return {k[len("trainer."):]: OmegaConf.select(cfg, k) for k in keys if k.startswith("trainer.")}
 
 
+def labelled_bar(label: str) -> Any:
+    """Lightning's own progress bar (Rich when installed, else tqdm) whose test loop is named `label` instead of
+    "Testing" (the Fisher passes run as test loops)."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    base = RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar
+    return type("LabelledProgressBar", (base,), {"test_description": property(lambda self: label)})()
+
+
 def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, callbacks: list | None = None,
-                 stage: str | None = None, **kwargs: Any) -> L.Trainer:
+                 stage: str | None = None, bar: str | None = None, **kwargs: Any) -> L.Trainer:
     """cfg.trainer, with a stage's trainer settings (e.g. `lm.trainer`) merged on top, the command line's
     `trainer.*` over those (`command_line_trainer`), and `kwargs` last: what the stage's code needs (the Fisher
     pass's full precision, the meta stage's steps from meta.steps); a command-line key they override gets a note.
 
-    `ckpt_every_n_steps` in those settings is ours, not Lightning's: when present it adds a ResumeCheckpoint
+    `bar`: the name of the test loop's progress bar (the Fisher passes). `ckpt_every_n_steps` in those settings is
+    ours, not Lightning's: when present it adds a ResumeCheckpoint
     writing `last.ckpt` after every validation and every that many steps (0: after validations only).
     """
     overrides = dict(overrides or {})
@@ -233,6 +244,8 @@ def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, ca
             print(f"[{stage or 'trainer'}] trainer.{k}={user[k]!r} does not apply here: this stage sets {k}="
                   f"{kwargs[k]!r} itself (from its own settings, e.g. meta.steps for max_steps)", flush=True)
     callbacks = list(callbacks or [])
+    if bar is not None and tcfg.get("enable_progress_bar", True):
+        callbacks.append(labelled_bar(bar))
     if every is not None:
         require(isinstance(every, int) and every >= 0,
                 f"ckpt_every_n_steps must be a number of steps (0: after validations only), got {every!r}")

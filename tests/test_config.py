@@ -118,6 +118,8 @@ def test_command_line_trainer_settings_win_over_a_stages_own(compose_cfg, capsys
     cfg = compose_cfg(["experiment=smoke", "trainer.max_epochs=1", "trainer.max_steps=2"])
     assert make_trainer(cfg, cfg.lm.trainer).max_epochs == 1
     assert make_trainer(cfg, None, stage="meta", max_steps=40).max_steps == 40
+    bars = [c for c in make_trainer(cfg, bar="Fisher pass (batch_ms)").callbacks if hasattr(c, "test_description")]
+    assert [b.test_description for b in bars] == ["Fisher pass (batch_ms)"]  # not Lightning's "Testing"
     note = "[meta] trainer.max_steps=2 does not apply here: this stage sets max_steps=40 itself"
     assert note in capsys.readouterr().out
     cfg = compose_cfg(["experiment=smoke"])
