@@ -257,9 +257,11 @@ def _in_worker(job: Callable[[], None]) -> None:
         os._exit(code)
 
 
-def _run_parallel(jobs: dict[str, Callable[[], None]], workers: int) -> None:
+def _run_parallel(jobs: dict[str, Callable[[], None]], workers: int,
+                  on_done: Callable[[str], None] = lambda name: None) -> None:
     """Run the jobs in forked processes, `workers` at a time (non-daemonic: the compiled gate may start its own
-    compile workers); every job runs even if one fails, so what finished is kept; then a failure is one line."""
+    compile workers); every job runs even if one fails, so what finished is kept; then a failure is one line.
+    `on_done(name)` as each job succeeds."""
     ctx = multiprocessing.get_context("fork")
     todo, running, failed = list(jobs.items()), {}, []
     while todo or running:
@@ -273,13 +275,16 @@ def _run_parallel(jobs: dict[str, Callable[[], None]], workers: int) -> None:
             p.join()
             if p.exitcode != 0:
                 failed.append(f"{p.name} (exit status {p.exitcode})")
+            else:
+                on_done(p.name)
     require(not failed, f"evaluation of {', '.join(failed)} failed in its worker process (its message is above); "
             "the methods that finished are kept under eval/: fix the cause and rerun the same command")
 
 
 def _score_split(cfg: DictConfig, out: Path, lm: Backbone, ms: Methods, split: str,
-                 tokens: Tensor) -> dict[str, Scored]:
-    """Every method over one split: kept losses are reused, the rest computed (in parallel with eval.workers)."""
+                 tokens: Tensor, live: Any = None) -> dict[str, Scored]:
+    """Every method over one split: kept losses are reused, the rest computed (in parallel with eval.workers);
+    `live`: a W&B run that gets each method's perplexity as it finishes."""
     (out / "eval").mkdir(exist_ok=True)
     keys = {m: _method_key(cfg, ms, m, split, tokens) for m in ms.rules}
     paths = {m: out / "eval" / f"{split}-{m}.npz" for m in ms.rules}
@@ -289,11 +294,21 @@ def _score_split(cfg: DictConfig, out: Path, lm: Backbone, ms: Methods, split: s
         print(f"[evaluate] {split}: reusing {', '.join(reused)} from {out / 'eval'}")
     jobs = {m: functools.partial(_compute, cfg, lm, ms, split, tokens, m, paths[m], keys[m]) for m in todo}
     workers = int(cfg.eval.get("workers", 1))
+    finished: list[str] = []
+
+    def done(m: str) -> None:
+        finished.append(m)
+        sc = _load_scored(paths[m], keys[m]) if live is not None else None
+        if sc is not None:
+            live.log({f"{split}/{m}/ppl": math.exp(sc.losses.mean()), f"{split}/methods_done": len(finished)})
+
     if workers > 1 and len(todo) > 1:
-        _run_parallel({f"{split} {m}": jobs[m] for m in todo[::-1]}, workers)  # meta, the slowest, first
+        names = {f"{split} {m}": m for m in todo[::-1]}  # meta, the slowest, first
+        _run_parallel({n: jobs[m] for n, m in names.items()}, workers, lambda n: done(names[n]))
     else:
-        for job in jobs.values():
+        for m, job in jobs.items():
             job()
+            done(m)
     scored: dict[str, Scored] = {}
     for m in ms.rules:
         sc = _load_scored(paths[m], keys[m])
@@ -303,10 +318,10 @@ def _score_split(cfg: DictConfig, out: Path, lm: Backbone, ms: Methods, split: s
 
 
 def _evaluate_split(cfg: DictConfig, out: Path, lm: Backbone, ms: Methods, split: str, tokens: Tensor,
-                    articles: list[tuple[int, str]], corpus: Corpus) -> dict[str, Any]:
+                    articles: list[tuple[int, str]], corpus: Corpus, live: Any = None) -> dict[str, Any]:
     """Every method over one split: its results row per method (with the intervals of its ratios to the
     baselines), and the split's files (losses, CSV, plots)."""
-    scored = _score_split(cfg, out, lm, ms, split, tokens)
+    scored = _score_split(cfg, out, lm, ms, split, tokens, live)
     losses = {m: sc.losses for m, sc in scored.items()}
     rows = {m: report.per_article(arr, articles) for m, arr in losses.items()}
     b = cfg.eval.get("bootstrap") or {}
@@ -359,6 +374,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         "lm": {"tokens_seen": prov.get("tokens_seen")},
         "skipped": ms.notes, "tuning": ms.tuned, "roles": _roles(cfg, out, ms, valid), "splits": {}}
     (out / "plots").mkdir(exist_ok=True)
+    live = _open_wandb(cfg, out) if cfg.get("logger") and "wandb" in cfg.logger else None  # methods as they finish
     read: dict[str, list[tuple[int, str]]] = {}  # the articles each split's evaluation read
     for split in splits:
         tokens, arts = splits_t[split], articles[split]
@@ -367,7 +383,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             arts = [(o, t) for o, t in arts if o < tokens.numel()]
             print(f"[evaluate] {split}: first {tokens.numel():,} tokens (eval.max_tokens)")
         results["roles"][f"evaluation ({split})"] = f"{split}[0:{tokens.numel()}]"
-        results["splits"][split] = _evaluate_split(cfg, out, lm, ms, split, tokens, arts, corpus)
+        results["splits"][split] = _evaluate_split(cfg, out, lm, ms, split, tokens, arts, corpus, live)
         read[split] = arts
     md = _markdown(results)
     results["markdown"] = md
@@ -376,8 +392,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     if ms.tuned:
         atomic_write_text(out / "tuning.md", _tuning_markdown(ms.tuned) + "\n")
     print(md)
-    if cfg.get("logger") and "wandb" in cfg.logger:
-        _to_wandb(cfg, out, results, read)
+    if live is not None:
+        _to_wandb(live, out, results, read)
     return results
 
 
@@ -509,19 +525,26 @@ def _tuning_markdown(tuned: dict[str, dict[str, Any]]) -> str:
     return "\n\n".join(parts)
 
 
-def _to_wandb(cfg: DictConfig, out: Path, results: dict[str, Any], articles: dict[str, list[tuple[int, str]]]) -> None:
-    """evaluate.py's W&B run (the settings of every stage: runtime.wandb_settings; WANDB_MODE=offline works): per
-    split a numeric per-article table (ppl per method, gain % vs static and vs rms) with a bar chart of meta's gain
-    from it, summary metrics `{split}/{method}/ppl`, `…/gain_vs_static`, `…/gain_vs_rms` (%, with the bootstrap
-    interval's ends), the plots and the token view; results.json, results.md and tuned.json as an artifact."""
+def _open_wandb(cfg: DictConfig, out: Path) -> Any:
+    """evaluate.py's W&B run (the settings of every stage: runtime.wandb_settings; WANDB_MODE=offline works), opened
+    before the methods run: each one's perplexity is logged as it finishes (`_score_split`)."""
     import wandb
 
     finish_wandb()  # an earlier run in this process (the stages finish theirs; a caller's may be open)
     try:
-        run = wandb.init(**wandb_settings(cfg, "evaluate"), dir=str(out), config=flat_config(cfg))
+        return wandb.init(**wandb_settings(cfg, "evaluate"), dir=str(out), config=flat_config(cfg))
     except wandb.errors.UsageError as e:
         raise DynlmError(f"W&B refused to start ({str(e).splitlines()[0]}); run `wandb login` or set "
                          "WANDB_MODE=offline") from None
+
+
+def _to_wandb(run: Any, out: Path, results: dict[str, Any], articles: dict[str, list[tuple[int, str]]]) -> None:
+    """The end of evaluate.py's W&B run (`_open_wandb`): per split a numeric per-article table (ppl per method, gain %
+    vs static and vs rms) with a bar chart of meta's gain from it, the gain along the stream, summary metrics
+    `{split}/{method}/ppl`, `…/gain_vs_static`, `…/gain_vs_rms` (%, with the bootstrap interval's ends), the plots
+    and the token view; results.json, results.md and tuned.json as an artifact."""
+    import wandb
+
     for split, arts in articles.items():
         res = results["splits"][split]
         table = _article_table(out, split, list(res), arts)
@@ -531,7 +554,7 @@ def _to_wandb(cfg: DictConfig, out: Path, results: dict[str, Any], articles: dic
             run.log({f"{split}/meta_gain_per_article": wandb.plot.bar(table, "title", gain,
                                                                       title=f"meta's gain over static ({split}, %)")})
         run.summary.update(_summary(split, res))
-        series = _gain_series(out, split, int(cfg.eval.smooth))
+        series = _gain_series(out, split, int(run.config["eval.smooth"]))
         if series is not None:
             run.log({f"{split}/gain_along_stream": series})
         for p in sorted((out / "plots").glob(f"*-{split}.png")):
@@ -539,7 +562,7 @@ def _to_wandb(cfg: DictConfig, out: Path, results: dict[str, Any], articles: dic
         html = out / "plots" / f"tokens-{split}.html"
         if html.is_file():
             run.log({f"{split}/tokens": wandb.Html(html.read_text())})
-    art = wandb.Artifact(f"{cfg.name}-results", type="results")
+    art = wandb.Artifact(f"{run.config['name']}-results", type="results")
     for name in ("results.json", "results.md", "tuned.json"):
         if (out / name).is_file():
             art.add_file(str(out / name))
