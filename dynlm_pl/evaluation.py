@@ -542,7 +542,8 @@ def _to_wandb(run: Any, out: Path, results: dict[str, Any], articles: dict[str, 
     """The end of evaluate.py's W&B run (`_open_wandb`): per split a numeric per-article table (ppl per method, gain %
     vs static and vs rms) with a bar chart of meta's gain from it, the gain along the stream, summary metrics
     `{split}/{method}/ppl`, `…/gain_vs_static`, `…/gain_vs_rms` (%, with the bootstrap interval's ends), the plots
-    and the token view; results.json, results.md and tuned.json as an artifact."""
+    and the token view; results.json, results.md and tuned.json as an artifact (with logger.wandb.log_model, the
+    checkpoints too)."""
     import wandb
 
     for split, arts in articles.items():
@@ -563,7 +564,10 @@ def _to_wandb(run: Any, out: Path, results: dict[str, Any], articles: dict[str, 
         if html.is_file():
             run.log({f"{split}/tokens": wandb.Html(html.read_text())})
     art = wandb.Artifact(f"{run.config['name']}-results", type="results")
-    for name in ("results.json", "results.md", "tuned.json"):
+    files = ["results.json", "results.md", "tuned.json"]
+    if run.config.get("logger.wandb.log_model"):  # the checkpoints the results are of, too
+        files += ["lm.ckpt", "fisher.pt", "meta.ckpt", "meta_noflush.ckpt"]
+    for name in files:
         if (out / name).is_file():
             art.add_file(str(out / name))
     run.log_artifact(art)
