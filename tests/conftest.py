@@ -108,7 +108,8 @@ def compose_cfg(tmp_path: Path) -> Iterator[ComposeCfg]:
 
 def read_wandb_run(run_dir: Path) -> dict:
     """What an offline W&B run (`<save_dir>/wandb/offline-run-*`) recorded: {"run": its group, job_type, name, tags
-    and config, "keys": the metric keys logged, "summary": summary keys, "exited": whether it was finished}.
+    and config, "keys": the metric keys logged, "summary": summary keys, "exited": whether it was finished,
+    "artifacts": {name: its files}}.
 
     wandb (0.2x+) writes the `.wandb` file from its Go core, with no Python reader: it is a LevelDB log (32 KiB
     blocks of records, each a 7-byte header — CRC, length, type: full/first/middle/last — and a fragment) after a
@@ -137,7 +138,7 @@ def read_wandb_run(run_dir: Path) -> dict:
             rec.ParseFromString(frags)
             records.append(rec)
             frags = b""
-    out: dict = {"run": {}, "keys": set(), "summary": set(), "exited": False}
+    out: dict = {"run": {}, "keys": set(), "summary": set(), "exited": False, "artifacts": {}}
     for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
@@ -152,4 +153,6 @@ def read_wandb_run(run_dir: Path) -> dict:
             out["summary"] |= {i.key or i.nested_key[0] for i in rec.summary.update}
         elif kind == "exit":
             out["exited"] = True
+        elif kind == "artifact":  # {name: [the paths of its files]}
+            out["artifacts"][rec.artifact.name] = [e.path for e in rec.artifact.manifest.contents]
     return out

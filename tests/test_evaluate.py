@@ -260,6 +260,14 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     assert [r["run"]["job_type"] for r in recorded] == ["meta", "evaluate"] and all(r["exited"] for r in recorded)
     assert {"val/adaptive_ppl", "val/rms_ppl", "val/meta_init_ppl", "val/gain_vs_rms"} <= recorded[0]["keys"]
     assert recorded[1]["run"]["config"]["eval.max_tokens"] == 300
+    assert {"test/meta/ppl", "test/methods_done"} <= recorded[1]["keys"]  # logged live, as each method finished
+    files = recorded[1]["artifacts"]["smoke-results"]
+    assert {"results.json", "results.md", "tuned.json"} <= set(files) and "lm.ckpt" not in files  # log_model off
+    cfg.logger.wandb.log_model = True  # a rerun (every method reused from eval/): the checkpoints go along
+    evaluation.run(cfg)
+    (new,) = set((out / "wandb").glob("offline-run-*")) - set(runs)
+    assert {"lm.ckpt", "fisher.pt", "meta.ckpt"} <= set(read_wandb_run(new)["artifacts"]["smoke-results"])
+    cfg.logger.wandb.log_model = False
     assert {"test/meta/ppl", "test/meta/gain_vs_static", "test/meta/gain_vs_rms_lo"} <= recorded[1]["summary"]
     assert {"test/articles", "test/meta_gain_per_article_table", "test/tokens", "test/gain_along_stream_table"} <= \
         recorded[1]["keys"]
