@@ -106,10 +106,16 @@ def compose_cfg(tmp_path: Path) -> Iterator[ComposeCfg]:
     GlobalHydra.instance().clear()
 
 
+def read_wandb_runs(save_dir: Path) -> list[dict]:
+    """Every offline W&B run under `save_dir`/wandb, in the order they started (`read_wandb_run`; the directories'
+    names sort by second only, and a tiny stage takes less)."""
+    return sorted((read_wandb_run(d) for d in save_dir.glob("wandb/offline-run-*")), key=lambda r: r["run"]["start"])
+
+
 def read_wandb_run(run_dir: Path) -> dict:
-    """What an offline W&B run (`<save_dir>/wandb/offline-run-*`) recorded: {"run": its group, job_type, name, tags
-    and config, "keys": the metric keys logged, "summary": summary keys, "exited": whether it was finished,
-    "artifacts": {name: its files}}.
+    """What an offline W&B run (`<save_dir>/wandb/offline-run-*`) recorded: {"run": its group, job_type, name, tags,
+    config and start time (ns), "keys": the metric keys logged, "summary": summary keys, "exited": whether it was
+    finished, "artifacts": {name: its files}}.
 
     wandb (0.2x+) writes the `.wandb` file from its Go core, with no Python reader: it is a LevelDB log (32 KiB
     blocks of records, each a 7-byte header — CRC, length, type: full/first/middle/last — and a fragment) after a
@@ -144,7 +150,8 @@ def read_wandb_run(run_dir: Path) -> dict:
         if kind == "run":
             r = rec.run
             out["run"] = {"group": r.run_group, "job_type": r.job_type, "name": r.display_name, "tags": list(r.tags),
-                          "config": {u.key: json.loads(u.value_json) for u in r.config.update}}
+                          "config": {u.key: json.loads(u.value_json) for u in r.config.update},
+                          "start": r.start_time.ToNanoseconds()}
         elif kind == "config":
             out["run"].setdefault("config", {}).update({u.key: json.loads(u.value_json) for u in rec.config.update})
         elif kind == "history":

@@ -149,12 +149,12 @@ def test_wandb_opens_one_run_per_stage_and_job(compose_cfg, tmp_path: Path, monk
     grouped by the sweep."""
     from dynlm_pl import runtime
     from dynlm_pl.pipeline import run_stages
-    from tests.conftest import read_wandb_run
+    from tests.conftest import read_wandb_runs
 
     cfg = compose_cfg(["experiment=smoke", "logger=wandb", "stage=all", "pipeline=[lm,fisher]", "fisher.tokens=200",
                        "logger.wandb.tags=[mine]", *TINY_SYNTHETIC])
     run_stages(cfg)
-    runs = [read_wandb_run(d) for d in sorted((tmp_path / "smoke" / "wandb").glob("offline-run-*"))]
+    runs = read_wandb_runs(tmp_path / "smoke")
     assert [r["run"]["job_type"] for r in runs] == ["lm", "fisher"]
     assert [r["run"]["name"] for r in runs] == ["smoke-lm", "smoke-fisher"]
     assert all(r["exited"] and r["run"]["group"] == "smoke" for r in runs)

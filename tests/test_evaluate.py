@@ -232,7 +232,7 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     import shutil
 
     from dynlm_pl.stages import meta as meta_stage
-    from tests.conftest import compose_config, read_wandb_run
+    from tests.conftest import compose_config, read_wandb_run, read_wandb_runs
 
     _, _, src = evaluated
     cfg = compose_config([*OVERRIDES, "unroll=3", "meta.steps=4", "meta.val_every=2", "meta.val_tokens=300",
@@ -248,15 +248,15 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     assert res["splits"]["test"]["meta"]["tokens"] == 299  # the prefix: 300 tokens, 299 predicted
     gates = out / "plots" / "gates-test.png"
     assert gates.is_file() and gates.stat().st_size > 1000 and gates.read_bytes()[:4] == b"\x89PNG"
-    # evaluate's run is the newest (stage meta's WandbLogger may have one here too, or reuse an earlier one)
-    runs = sorted((out / "wandb").glob("offline-run-*"))
+    # two runs: stage meta's, then evaluate's (the newest)
+    runs = sorted((out / "wandb").glob("offline-run-*"), key=lambda d: read_wandb_run(d)["run"]["start"])
     assert runs, list((out / "wandb").iterdir())
     logged = [p.name for p in runs[-1].rglob("*") if p.is_file()]
     assert any(n.endswith(".wandb") for n in logged), logged  # the offline run's event log
     media = [n for n in logged if n.endswith(".png")]
     assert any(n.startswith("gates-test") for n in media), media  # plots uploaded as images
     assert any(n.endswith(".table.json") for n in logged), logged  # the per-article table
-    recorded = [read_wandb_run(r) for r in runs]  # one finished run per stage: meta's, then evaluate's
+    recorded = read_wandb_runs(out)  # one finished run per stage: meta's, then evaluate's
     assert [r["run"]["job_type"] for r in recorded] == ["meta", "evaluate"] and all(r["exited"] for r in recorded)
     assert {"val/adaptive_ppl", "val/rms_ppl", "val/meta_init_ppl", "val/gain_vs_rms"} <= recorded[0]["keys"]
     assert recorded[1]["run"]["config"]["eval.max_tokens"] == 300
