@@ -259,6 +259,7 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     recorded = read_wandb_runs(out)  # one finished run per stage: meta's, then evaluate's
     assert [r["run"]["job_type"] for r in recorded] == ["meta", "evaluate"] and all(r["exited"] for r in recorded)
     assert {"val/adaptive_ppl", "val/rms_ppl", "val/meta_init_ppl", "val/gain_vs_rms"} <= recorded[0]["keys"]
+    assert {"val/gate_f/encoder.weight", "val/gate_hist_z/encoder.weight"} <= recorded[0]["keys"]  # φ's gates
     assert recorded[1]["run"]["config"]["eval.max_tokens"] == 300
     assert {"test/meta/ppl", "test/methods_done"} <= recorded[1]["keys"]  # logged live, as each method finished
     files = recorded[1]["artifacts"]["smoke-results"]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from dynlm_pl.errors import require
 from dynlm_pl.meta.learner import build_meta_learner
-from dynlm_pl.meta.rules import GateRule, with_trust_region
+from dynlm_pl.meta.rules import GateRule, RecordingGateRule, with_trust_region
 from dynlm_pl.meta.scoring import adaptive_eval
 from dynlm_pl.meta.unroll import FastFirstOrder, Unroller
 from dynlm_pl.meta.weights import DynamicWeights, freeze
@@ -152,7 +152,11 @@ class MetaTrainModule(L.LightningModule):
 
     # -- validation: adaptive evaluation of the current φ -----------------------------------------------
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        loss = self.adaptive_loss(batch)  # the selection slice [N]
+        # φ's own rule records its per-tensor mean gates every 10 segments (the same updates); a swapped rule does not
+        rec = RecordingGateRule(self.meta, self.dyn) if type(self.rule) is GateRule else None
+        loss = self.adaptive_loss(batch, rule=rec)  # the selection slice [N]
+        if rec is not None and rec.history:
+            self._log_gates(torch.stack(rec.history))
         self.log_dict({"val/adaptive_loss": loss, "val/adaptive_ppl": math.exp(min(loss, 50.0))}, prog_bar=True,
                       batch_size=1)
         if self.baseline_ppl:  # φ against the tuned rules on the same slice (constant lines)
@@ -161,11 +165,25 @@ class MetaTrainModule(L.LightningModule):
             self.log("val/gain_vs_rms", 100.0 * (1.0 - math.exp(min(loss, 50.0)) / self.baseline_ppl["rms"]),
                      prog_bar=True, batch_size=1)
 
-    def adaptive_loss(self, tokens: Tensor, progress: bool | str = False) -> float:
+    def _log_gates(self, history: Tensor) -> None:
+        """φ's gates over a validation pass, per dynamic tensor (history [S, 3, n_tensors]: mean f, i, z every few
+        segments): their means as `val/gate_<f|i|z>/<tensor>`, and under logger=wandb histograms over the pass."""
+        names = self.dyn.spec.names
+        mean = history.mean(0)
+        self.log_dict({f"val/gate_{g}/{n}": float(mean[j, k]) for j, g in enumerate("fiz") for k, n in
+                       enumerate(names)}, batch_size=1)
+        for lg in self.loggers:
+            if type(lg).__name__ == "WandbLogger":
+                import wandb
+
+                lg.experiment.log({f"val/gate_hist_{g}/{n}": wandb.Histogram(history[:, j, k].double().numpy())
+                                   for j, g in enumerate("fiz") for k, n in enumerate(names)}, commit=False)
+
+    def adaptive_loss(self, tokens: Tensor, progress: bool | str = False, rule: GateRule | None = None) -> float:
         """Mean token loss of adaptive evaluation (batch 1, score then update) over `tokens` [N] (`progress`: a bar,
-        or its label)."""
+        or its label) with φ's rule (or `rule`: the same rule recording its gates)."""
         with torch.no_grad():
-            losses = adaptive_eval(self.lm, tokens, self.rule, self.hparams.segment, self.dyn,
+            losses = adaptive_eval(self.lm, tokens, rule or self.rule, self.hparams.segment, self.dyn,
                                    max_drift=self.hparams.get("max_drift"), progress=progress)
         return float(losses.mean())
 
