@@ -31,18 +31,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynlm_pl.errors import require
-from dynlm_pl.meta.rules import krause_coefficients, krause_rate
+from dynlm_pl.meta.rules import group_vector, krause_coefficients, krause_rate
 
 Gates = tuple[Tensor, Tensor, Tensor | None]
 Value = float | dict[str, float]  # one value, or one per group of tensors (rms_pt)
 
 
 def per_coordinate(value: Value, dyn: Any) -> float | Tensor:
-    """A krause form's η or λ as `krause_coefficients` reads it: the number, or [P] from {group: value} laid out
-    as `build_rule('rms_pt', ...)` lays it out (so the form at init IS that rule, to the bit)."""
-    if not isinstance(value, dict):
-        return float(value)
-    return dyn.spec.per_group({g: float(v) for g, v in value.items()}, dyn.theta0 if dyn.ms is None else dyn.ms)
+    """A krause form's η or λ as `krause_coefficients` reads it: the number, or [P] from {group: value} as rms_pt
+    lays it out (`group_vector`: the form at init IS that rule, to the bit)."""
+    return group_vector(value, dyn) if isinstance(value, dict) else float(value)
 
 
 def soft_clamp(x: Tensor, c: float) -> Tensor:

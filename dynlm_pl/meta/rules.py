@@ -211,6 +211,12 @@ def group_values(hparams: dict[str, Any], key: str) -> dict[str, float]:
     return {k.split("@", 1)[1]: float(v) for k, v in hparams.items() if k.startswith(key + "@")}
 
 
+def group_vector(values: dict[str, float], dyn: DynamicWeights) -> Tensor:
+    """[P]: each coordinate the value of its tensor's group (rms_pt's per-group η or λ), in the dtype of the RMS
+    statistics (of θ_0 without them)."""
+    return dyn.spec.per_group({g: float(v) for g, v in values.items()}, dyn.theta0 if dyn.ms is None else dyn.ms)
+
+
 def build_rule(method: str, hparams: dict[str, Any], dyn: DynamicWeights) -> Rule:
     """A hand-designed rule from its hyperparameters (as tuned.json stores them): static, sgd {lr},
     rms {lr, lamb, eps} or rms_pt {eps, lr@<group>, lamb@<group> for each `tensor_group`}."""
@@ -219,8 +225,7 @@ def build_rule(method: str, hparams: dict[str, Any], dyn: DynamicWeights) -> Rul
     if method == "sgd":
         return SGDRule(float(hparams["lr"]))
     if method == "rms_pt":
-        ref = dyn.theta0 if dyn.ms is None else dyn.ms
-        return RMSRule(dyn, dyn.spec.per_group(group_values(hparams, "lr"), ref),
-                       dyn.spec.per_group(group_values(hparams, "lamb"), ref), float(hparams["eps"]))
+        return RMSRule(dyn, group_vector(group_values(hparams, "lr"), dyn),
+                       group_vector(group_values(hparams, "lamb"), dyn), float(hparams["eps"]))
     require(method == "rms", f"no hand-designed rule {method!r}; use static, sgd, rms or rms_pt")
     return RMSRule(dyn, float(hparams["lr"]), float(hparams["lamb"]), float(hparams["eps"]))
