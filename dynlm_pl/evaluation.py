@@ -548,14 +548,16 @@ def _to_wandb(run: Any, out: Path, results: dict[str, Any], articles: dict[str, 
 
     for split, arts in articles.items():
         res = results["splits"][split]
-        table = _article_table(out, split, list(res), arts)
+        with np.load(out / f"losses-{split}.npz") as z:  # the split's per-token losses, read once for both
+            losses = {m: z[m].astype(np.float64) for m in z.files}
+        table = _article_table(losses, list(res), arts)
         run.log({f"{split}/articles": table})
         gain = next((c for c in table.columns if c == "gain_vs_static_meta"), None)
         if gain:
             run.log({f"{split}/meta_gain_per_article": wandb.plot.bar(table, "title", gain,
                                                                       title=f"meta's gain over static ({split}, %)")})
         run.summary.update(_summary(split, res))
-        series = _gain_series(out, split, int(run.config["eval.smooth"]))
+        series = _gain_series(losses, split, int(run.config["eval.smooth"]))
         if series is not None:
             run.log({f"{split}/gain_along_stream": series})
         for p in sorted((out / "plots").glob(f"*-{split}.png")):
@@ -574,13 +576,12 @@ def _to_wandb(run: Any, out: Path, results: dict[str, Any], articles: dict[str, 
     run.finish()
 
 
-def _article_table(out: Path, split: str, methods: list[str], articles: list[tuple[int, str]]) -> Any:
+def _article_table(losses: dict[str, np.ndarray], methods: list[str], articles: list[tuple[int, str]]) -> Any:
     """A numeric wandb.Table of one split's articles: title, tokens, ppl per method, and each adaptive method's
-    gain % (perplexity reduction) vs static and vs rms, from losses-<split>.npz."""
+    gain % (perplexity reduction) vs static and vs rms, from its per-token losses."""
     import wandb
 
-    with np.load(out / f"losses-{split}.npz") as z:
-        rows = {m: report.per_article(z[m].astype(np.float64), articles) for m in methods if m in z}
+    rows = {m: report.per_article(losses[m], articles) for m in methods if m in losses}
     pairs = [(m, b) for b in ("static", "rms") if b in rows for m in rows if m not in (b, "static")]
     cols = ["article", "title", "tokens", *[f"ppl_{m}" for m in rows], *[f"gain_vs_{b}_{m}" for m, b in pairs]]
     data = []
@@ -591,13 +592,11 @@ def _article_table(out: Path, split: str, methods: list[str], articles: list[tup
     return wandb.Table(columns=cols, data=data)
 
 
-def _gain_series(out: Path, split: str, window: int, points: int = 1000) -> Any:
+def _gain_series(losses: dict[str, np.ndarray], split: str, window: int, points: int = 1000) -> Any:
     """W&B line series of each adaptive method's perplexity gain over static along the stream (report.gain_curve,
     the gain plot's curves), at `points` token positions; None without static."""
     import wandb
 
-    with np.load(out / f"losses-{split}.npz") as z:
-        losses = {m: z[m].astype(np.float64) for m in z.files}
     if "static" not in losses or len(losses) < 2:
         return None
     n = len(losses["static"])
