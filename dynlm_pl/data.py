@@ -359,6 +359,16 @@ def segments(n: int, segment: int) -> list[tuple[int, int]]:
     return [(i, min(segment, n - 1 - i)) for i in range(0, n - 1, segment)]
 
 
+def stream_pieces(tokens: Tensor, segment: int, pieces: int = 20) -> list[Tensor]:
+    """`tokens` [N] as about `pieces` consecutive pieces, each overlapping the next by one token (the target of one
+    is the input of the next) and a multiple of `segment` targets long: dynamic evaluation reading them in order,
+    carrying θ and the hidden state (`adaptive_eval(carry=...)`), scores the same segments as one pass over
+    `tokens` -- in steps a progress bar can count."""
+    n = tokens.numel() - 1
+    step = segment * max(1, math.ceil(n / (segment * pieces)))
+    return [tokens[i : min(i + step, n) + 1] for i in range(0, n, step)]
+
+
 def shard_streams(streams: Tensor, rank: int, world: int) -> Tensor:
     """Rank r's own contiguous block of streams: no sampler, no reordering, equal length on every rank."""
     require(streams.size(0) % world == 0,
@@ -489,8 +499,9 @@ class FisherCut:
 class MetaCut:
     """`train_dataloader` reads unroll chunks of `streams` streams of the meta-training text (the training split,
     or the validation split past the selection slice); `val_dataloader` φ's selection tokens, the first
-    `val_tokens` of the validation split (None: all of it), as one batch. `holdout`: the selection slice's length
-    (eval.tune.tokens, where the baselines are tuned): meta-training on valid starts past it too."""
+    `val_tokens` of the validation split (None: all of it), in consecutive pieces (`stream_pieces`). `holdout`:
+    the selection slice's length (eval.tune.tokens, where the baselines are tuned): meta-training on valid starts
+    past it too."""
 
     source: str
     unroll: int
@@ -586,8 +597,8 @@ class WikiText2DataModule(L.LightningDataModule):
         return loader
 
     def val_dataloader(self) -> DataLoader:
-        if isinstance(self.cut, MetaCut):  # validation reads the whole selection slice itself: one "batch"
-            return DataLoader([self.selection_slice()], batch_size=None)
+        if isinstance(self.cut, MetaCut):  # the selection slice in pieces read as one stream (a bar that moves)
+            return DataLoader(stream_pieces(self.selection_slice(), self.cut.segment), batch_size=None)
         return self._loader("valid", self.eval_batch_size, False)
 
     def test_dataloader(self) -> DataLoader:

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -63,6 +64,8 @@ from dynlm_pl.runtime import (
     wandb_settings,
 )
 
+log = logging.getLogger(__name__)
+
 # The methods every other method's perplexity is compared with: ratio and paired-bootstrap interval (results.json).
 BASELINES = ("static", "sgd", "rms", "rms_pt")
 TUNED = ("sgd", "rms", "rms_pt")  # tuned on the selection slice (tuned.json)
@@ -93,7 +96,7 @@ def _textfile(cfg: DictConfig, vocab: list[str]) -> tuple[dict[str, Tensor], dic
     require(tokens.numel() >= 2, f"{path} has fewer than 2 tokens; give it some text")
     unk = float((tokens == corpus.stoi[UNK]).float().mean())
     if unk > 0.5:
-        print(f"[evaluate] warning: {100 * unk:.0f}% of the tokens of {path} are unknown to the LM ({UNK})")
+        log.warning(f"[evaluate] warning: {100 * unk:.0f}% of the tokens of {path} are unknown to the LM ({UNK})")
     return {"text": tokens}, {"text": articles}, corpus
 
 
@@ -145,7 +148,7 @@ def _methods(cfg: DictConfig, out: Path, lm: Backbone, lm_sha: str, valid: Tenso
         else:
             ms.rules[m] = None  # static; sgd and rms are built after tuning
     for m, why in ms.notes.items():
-        print(f"[evaluate] {m}: {why}")
+        log.info(f"[evaluate] {m}: {why}")
     need_tune = [m for m in TUNED if m in ms.rules]
     if need_tune:  # (a text file has no validation split: the baselines tuned on the LM's own corpus, tuned.json)
         ms.tuned = tuned_baselines(cfg, out, lm, valid, base_dyn, lm_sha, need_tune)
@@ -166,18 +169,37 @@ class Scored:
     reused: bool = False
 
 
+class RunningPpl:
+    """The perplexity so far of one method along a split, sent as (tokens read, ppl) every `every` tokens (and at
+    the end of the split): what evaluate.py logs live to W&B, with the token position as the x-axis."""
+
+    def __init__(self, send: Callable[[int, float], None], total: int, points: int = 100) -> None:
+        self.send, self.total, self.every = send, total, max(1, total // points)
+        self.sum, self.n, self.next = 0.0, 0, self.every
+
+    def __call__(self, losses: Tensor) -> None:  # a segment's (or window's) losses [B, t]
+        self.sum += float(losses.double().sum())
+        self.n += losses.numel()
+        if self.n >= self.next or self.n >= self.total:
+            self.send(self.n, math.exp(min(self.sum / self.n, 50.0)))
+            self.next = (self.n // self.every + 1) * self.every
+
+
 def _score_method(cfg: DictConfig, lm: Backbone, tokens: Tensor, m: str, rule: Rule | None,
-                  dyn: DynamicWeights | None, label: str) -> Scored:
-    """Per-token losses of one method over `tokens` (a progress bar named `label`)."""
+                  dyn: DynamicWeights | None, label: str, running: RunningPpl | None = None) -> Scored:
+    """Per-token losses of one method over `tokens` (a progress bar named `label`; `running` gets the losses as they
+    come)."""
     e = cfg.eval
     t0, drift, gates = time.time(), None, None
     if rule is None:
-        lt = static_losses(lm, tokens, int(cfg.data.bptt), progress=label, streams=int(e.get("streams", 1)))
+        lt = static_losses(lm, tokens, int(cfg.data.bptt), progress=label, streams=int(e.get("streams", 1)),
+                           on_window=running)
     else:
         if isinstance(rule, RecordingGateRule):
             rule.history, rule.n = [], 0
         lt, d = method_losses(lm, tokens, rule, int(e.segment), dyn, int(e.get("streams", 1)),
-                              bool(e.get("shared_theta", False)), e.get("max_drift"), progress=label)
+                              bool(e.get("shared_theta", False)), e.get("max_drift"), progress=label,
+                              on_segment=running)
         require(all(map(math.isfinite, d)), f"{label} drove the weights to inf/NaN; lower its learning rate")
         drift = (max(d, default=0.0), d[-1] if d else 0.0)
         if m == "meta" and isinstance(rule, RecordingGateRule) and rule.history:
@@ -230,12 +252,14 @@ def _load_scored(path: Path, key: dict[str, Any]) -> Scored | None:
 
 
 def _compute(cfg: DictConfig, lm: Backbone, ms: Methods, split: str, tokens: Tensor, m: str, path: Path,
-             key: dict[str, Any]) -> None:
+             key: dict[str, Any], send: Callable[[str, int, float], None] | None = None) -> None:
+    """Score method `m` over the split and keep its losses at `path`; `send(m, tokens read, ppl so far)` along it."""
     label = f"{split} {m}"
-    sc = _score_method(cfg, lm, tokens, m, ms.rules[m], ms.dyns.get(m), label)
+    running = None if send is None else RunningPpl(functools.partial(send, m), tokens.numel() - 1)
+    sc = _score_method(cfg, lm, tokens, m, ms.rules[m], ms.dyns.get(m), label, running)
     _save_scored(path, key, sc)
-    print(f"[evaluate] {label:>18}: ppl {math.exp(sc.losses.mean()):8.2f}  ({sc.losses.size / sc.seconds:,.0f} tok/s, "
-          f"{sc.seconds:.0f}s)", flush=True)
+    log.info(f"[evaluate] {label:>18}: ppl {math.exp(sc.losses.mean()):8.2f}  "
+             f"({sc.losses.size / sc.seconds:,.0f} tok/s, {sc.seconds:.0f}s)")
 
 
 def _in_worker(job: Callable[[], None]) -> None:
@@ -258,42 +282,75 @@ def _in_worker(job: Callable[[], None]) -> None:
 
 
 def _run_parallel(jobs: dict[str, Callable[[], None]], workers: int,
-                  on_done: Callable[[str], None] = lambda name: None) -> None:
+                  on_done: Callable[[str], None] = lambda name: None,
+                  inbox: tuple[multiprocessing.connection.Connection, Callable[[Any], None]] | None = None) -> None:
     """Run the jobs in forked processes, `workers` at a time (non-daemonic: the compiled gate may start its own
     compile workers); every job runs even if one fails, so what finished is kept; then a failure is one line.
-    `on_done(name)` as each job succeeds."""
+    `on_done(name)` as each job succeeds. `inbox`: (the read end of a pipe the jobs write to, what to do with each
+    message), read while they run."""
     ctx = multiprocessing.get_context("fork")
     todo, running, failed = list(jobs.items()), {}, []
+    reader, on_message = inbox if inbox is not None else (None, None)
+
+    def drain() -> None:
+        while reader is not None and reader.poll():
+            on_message(reader.recv())
+
     while todo or running:
         while todo and len(running) < workers:
             name, job = todo.pop(0)
             p = ctx.Process(target=_in_worker, args=(job,), name=name)
             p.start()
             running[p.sentinel] = p
-        for sentinel in multiprocessing.connection.wait(list(running)):
+        ready = multiprocessing.connection.wait([*running, *([reader] if reader is not None else [])])
+        drain()
+        for sentinel in (s for s in ready if s in running):
             p = running.pop(sentinel)
             p.join()
             if p.exitcode != 0:
                 failed.append(f"{p.name} (exit status {p.exitcode})")
             else:
                 on_done(p.name)
+    drain()
     require(not failed, f"evaluation of {', '.join(failed)} failed in its worker process (its message is above); "
             "the methods that finished are kept under eval/: fix the cause and rerun the same command")
+
+
+def _running_to(live: Any, split: str, methods: list[str], parallel: bool) -> tuple[Any, Any]:
+    """(send, inbox) for `_compute` and `_run_parallel`: each method's running perplexity logged to the W&B run
+    `live` as `{split}/{m}/running_ppl` against its own x-axis `{split}/{m}/tokens` (the methods advance at
+    different speeds); from forked workers through a pipe the parent reads. (None, None) without a run."""
+    if live is None:
+        return None, None
+    for m in methods:
+        live.define_metric(f"{split}/{m}/running_ppl", step_metric=f"{split}/{m}/tokens")
+
+    def log_running(msg: tuple[str, int, float]) -> None:
+        m, n, ppl = msg
+        live.log({f"{split}/{m}/tokens": n, f"{split}/{m}/running_ppl": ppl})
+
+    if not parallel:
+        return lambda m, n, ppl: log_running((m, n, ppl)), None
+    reader, writer = multiprocessing.get_context("fork").Pipe(duplex=False)  # messages < PIPE_BUF: atomic writes
+    return lambda m, n, ppl: writer.send((m, n, ppl)), (reader, log_running)
 
 
 def _score_split(cfg: DictConfig, out: Path, lm: Backbone, ms: Methods, split: str,
                  tokens: Tensor, live: Any = None) -> dict[str, Scored]:
     """Every method over one split: kept losses are reused, the rest computed (in parallel with eval.workers);
-    `live`: a W&B run that gets each method's perplexity as it finishes."""
+    `live`: a W&B run that gets each method's running perplexity along the split (from the worker processes too)
+    and its perplexity as it finishes."""
     (out / "eval").mkdir(exist_ok=True)
     keys = {m: _method_key(cfg, ms, m, split, tokens) for m in ms.rules}
     paths = {m: out / "eval" / f"{split}-{m}.npz" for m in ms.rules}
     todo = [m for m in ms.rules if _load_scored(paths[m], keys[m]) is None]
     reused = [m for m in ms.rules if m not in todo]
     if reused:
-        print(f"[evaluate] {split}: reusing {', '.join(reused)} from {out / 'eval'}")
-    jobs = {m: functools.partial(_compute, cfg, lm, ms, split, tokens, m, paths[m], keys[m]) for m in todo}
+        log.info(f"[evaluate] {split}: reusing {', '.join(reused)} from {out / 'eval'}")
     workers = int(cfg.eval.get("workers", 1))
+    parallel = workers > 1 and len(todo) > 1
+    send, inbox = _running_to(live, split, todo, parallel)
+    jobs = {m: functools.partial(_compute, cfg, lm, ms, split, tokens, m, paths[m], keys[m], send) for m in todo}
     finished: list[str] = []
 
     def done(m: str) -> None:
@@ -302,9 +359,9 @@ def _score_split(cfg: DictConfig, out: Path, lm: Backbone, ms: Methods, split: s
         if sc is not None:
             live.log({f"{split}/{m}/ppl": math.exp(sc.losses.mean()), f"{split}/methods_done": len(finished)})
 
-    if workers > 1 and len(todo) > 1:
+    if parallel:
         names = {f"{split} {m}": m for m in todo[::-1]}  # meta, the slowest, first
-        _run_parallel({n: jobs[m] for n, m in names.items()}, workers, lambda n: done(names[n]))
+        _run_parallel({n: jobs[m] for n, m in names.items()}, workers, lambda n: done(names[n]), inbox)
     else:
         for m, job in jobs.items():
             job()
@@ -381,7 +438,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         if limit is not None and tokens.numel() > int(limit):  # a prefix: every method reads the same tokens
             tokens = tokens[: int(limit)]
             arts = [(o, t) for o, t in arts if o < tokens.numel()]
-            print(f"[evaluate] {split}: first {tokens.numel():,} tokens (eval.max_tokens)")
+            log.info(f"[evaluate] {split}: first {tokens.numel():,} tokens (eval.max_tokens)")
         results["roles"][f"evaluation ({split})"] = f"{split}[0:{tokens.numel()}]"
         results["splits"][split] = _evaluate_split(cfg, out, lm, ms, split, tokens, arts, corpus, live)
         read[split] = arts
@@ -391,7 +448,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_text(out / "results.md", md + "\n")
     if ms.tuned:
         atomic_write_text(out / "tuning.md", _tuning_markdown(ms.tuned) + "\n")
-    print(md)
+    log.info(md)
     if live is not None:
         _to_wandb(live, out, results, read)
     return results

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dynlm_pl.errors import DynlmError
+
+log = logging.getLogger(__name__)
 
 
 def tmp_beside(path: Path) -> Path:
@@ -131,8 +134,8 @@ class RunLock:
             gone = holder.get("host") == info["host"] and not _alive(int(holder.get("pid", -1)))
             requeued = info["job"] is not None and holder.get("job") == info["job"]  # this SLURM job, before
             if gone or requeued:
-                print(f"[dynlm] taking over {self.path}: its holder, pid {holder.get('pid')} "
-                      f"({holder.get('stage')}, since {holder.get('started')}), is gone", flush=True)
+                log.warning(f"[dynlm] taking over {self.path}: its holder, pid {holder.get('pid')} "
+                            f"({holder.get('stage')}, since {holder.get('started')}), is gone")
                 self.path.unlink(missing_ok=True)
             if not self._link(info):
                 h = self._holder()

@@ -3,6 +3,7 @@ evaluate by default; `meta_noflush` is the meta stage with gate.flush=false, the
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from dynlm_pl.config import check_config
 from dynlm_pl.errors import require
 from dynlm_pl.runtime import barrier, run_lock, stage_scope
 from dynlm_pl.stages import fisher, lm, meta
+
+log = logging.getLogger(__name__)
 
 Stage = Callable[[DictConfig], dict[str, Any]]
 STAGES: dict[str, Stage] = {"lm": lm.run, "fisher": fisher.run, "meta": meta.run, "evaluate": evaluation.run}
@@ -51,7 +54,7 @@ def run_stages(cfg: DictConfig) -> dict[str, Any]:
     if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0") and not cfg.get("resume"):
         # A SLURM job requeued after preemption or its time limit (hydra/launcher=slurm, max_num_timeout) reruns
         # the same command: it continues from last.ckpt instead of starting over.
-        print(f"[dynlm] SLURM requeued this job ({os.environ['SLURM_RESTART_COUNT']} times): resume=true", flush=True)
+        log.info(f"[dynlm] SLURM requeued this job ({os.environ['SLURM_RESTART_COUNT']} times): resume=true")
         OmegaConf.update(cfg, "resume", True, force_add=True)
     names = list(cfg.get("pipeline") or PIPELINE) if cfg.stage == "all" else [cfg.stage]
     for n in names:
@@ -64,7 +67,7 @@ def run_stages(cfg: DictConfig) -> dict[str, Any]:
                 results[n] = stage_fn(n)(stage_config(cfg, n))
             barrier()
             times[n] = time.time() - t0
-            print(f"[{n}] stage done in {times[n]:.1f}s", flush=True)
+            log.info(f"[{n}] stage done in {times[n]:.1f}s")
     if len(names) > 1:
-        print("stage times: " + ", ".join(f"{n} {t:.1f}s" for n, t in times.items()), flush=True)
+        log.info("stage times: " + ", ".join(f"{n} {t:.1f}s" for n, t in times.items()))
     return results

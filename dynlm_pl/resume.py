@@ -3,6 +3,7 @@ state a resumed run continues from, and a readable checkpoint (refused in one li
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -16,6 +17,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dynlm_pl.errors import DynlmError
 from dynlm_pl.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 class ResumeCheckpoint(Checkpoint):
@@ -119,7 +122,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def _sigint_to_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    print("\n[dynlm] Ctrl-C: stopping after the current step (press it again to interrupt at once)", flush=True)
+    log.warning("\n[dynlm] Ctrl-C: stopping after the current step (press it again to interrupt at once)")
     os.kill(os.getpid(), signal.SIGTERM)
 
 

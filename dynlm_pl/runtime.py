@@ -4,6 +4,7 @@ loggers and checkpoint callbacks, and the baselines tuned for this run. Stages a
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -27,6 +28,8 @@ from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import Backbone
 from dynlm_pl.resolvers import sweep_job
 from dynlm_pl.resume import AtomicCheckpointIO, ResumeCheckpoint, stop_message
+
+log = logging.getLogger(__name__)
 
 
 def _make_dir(d: Path) -> Path:
@@ -241,8 +244,8 @@ def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, ca
     tcfg = OmegaConf.merge(cfg.trainer, overrides, user)
     for k in sorted(set(user) & set(kwargs)):
         if user[k] != kwargs[k]:
-            print(f"[{stage or 'trainer'}] trainer.{k}={user[k]!r} does not apply here: this stage sets {k}="
-                  f"{kwargs[k]!r} itself (from its own settings, e.g. meta.steps for max_steps)", flush=True)
+            log.warning(f"[{stage or 'trainer'}] trainer.{k}={user[k]!r} does not apply here: this stage sets {k}="
+                        f"{kwargs[k]!r} itself (from its own settings, e.g. meta.steps for max_steps)")
     callbacks = list(callbacks or [])
     if bar is not None and tcfg.get("enable_progress_bar", True):
         callbacks.append(labelled_bar(bar))
@@ -290,7 +293,7 @@ def tuned_baselines(cfg: DictConfig, out: Path, lm: Backbone, valid: torch.Tenso
     best = artifacts.load_tuned(path, key)
     missing = [m for m in methods if m not in best]
     if not missing:
-        print(f"[tune] reusing tuned {', '.join(methods)} from {path}")
+        log.info(f"[tune] reusing tuned {', '.join(methods)} from {path}")
         return {m: best[m] for m in methods}
     require(valid is not None, f"tuning {', '.join(missing)} needs the LM's validation split, and {path} holds no "
             "tuning of them for this LM, segment and grid: run python evaluate.py on the corpus the LM was trained "
@@ -304,5 +307,5 @@ def tuned_baselines(cfg: DictConfig, out: Path, lm: Backbone, valid: torch.Tenso
     best.update(tune(lm, valid[: int(t.tokens)], dyn, int(cfg.eval.segment), t, missing, max_drift, known=dict(best),
                      on_done=keep))
     artifacts.save_tuned(path, key, best)
-    print(f"[tune] {', '.join(missing)} tuned in {time.time() - t0:.0f}s", flush=True)
+    log.info(f"[tune] {', '.join(missing)} tuned in {time.time() - t0:.0f}s")
     return {m: best[m] for m in methods if m in best}

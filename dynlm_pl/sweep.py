@@ -10,6 +10,7 @@ runs them elsewhere (SLURM) is summarised too, from the shared file system.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dynlm_pl.files import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 class SweepSummary(Callback):
@@ -45,7 +48,7 @@ class SweepSummary(Callback):
         best = jobs[0]
         note = f"best {' '.join(best['overrides'])} (val ppl {best['objective']:.2f})" \
             if best["objective"] is not None else "no job returned a validation perplexity"
-        print(f"[sweep] {len(jobs)} jobs; {note}; {sweep / 'summary.md'}", flush=True)
+        log.info(f"[sweep] {len(jobs)} jobs; {note}; {sweep / 'summary.md'}")
 
 
 def _order(job: dict[str, Any]) -> tuple[float, int]:

@@ -114,8 +114,8 @@ def read_wandb_runs(save_dir: Path) -> list[dict]:
 
 def read_wandb_run(run_dir: Path) -> dict:
     """What an offline W&B run (`<save_dir>/wandb/offline-run-*`) recorded: {"run": its group, job_type, name, tags,
-    config and start time (ns), "keys": the metric keys logged, "summary": summary keys, "exited": whether it was
-    finished, "artifacts": {name: its files}}.
+    config and start time (ns), "keys": the metric keys logged, "history": each log call's numbers {key: value},
+    "summary": summary keys, "exited": whether it was finished, "artifacts": {name: its files}}.
 
     wandb (0.2x+) writes the `.wandb` file from its Go core, with no Python reader: it is a LevelDB log (32 KiB
     blocks of records, each a 7-byte header — CRC, length, type: full/first/middle/last — and a fragment) after a
@@ -144,7 +144,7 @@ def read_wandb_run(run_dir: Path) -> dict:
             rec.ParseFromString(frags)
             records.append(rec)
             frags = b""
-    out: dict = {"run": {}, "keys": set(), "summary": set(), "exited": False, "artifacts": {}}
+    out: dict = {"run": {}, "keys": set(), "history": [], "summary": set(), "exited": False, "artifacts": {}}
     for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
@@ -156,6 +156,8 @@ def read_wandb_run(run_dir: Path) -> dict:
             out["run"].setdefault("config", {}).update({u.key: json.loads(u.value_json) for u in rec.config.update})
         elif kind == "history":
             out["keys"] |= {i.key or i.nested_key[0] for i in rec.history.item}  # a media's own fields: its key
+            values = {i.key or i.nested_key[0]: json.loads(i.value_json) for i in rec.history.item}
+            out["history"].append({k: v for k, v in values.items() if isinstance(v, (int, float))})
         elif kind == "summary":
             out["summary"] |= {i.key or i.nested_key[0] for i in rec.summary.update}
         elif kind == "exit":

@@ -5,6 +5,7 @@ Presets are discovered from conf/ so a new yaml file is tested without editing t
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def test_logger_preset_trains(logger: str, compose_cfg, tmp_path: Path) -> None:
         assert list((tmp_path / "smoke" / "logs").rglob("metrics.csv")), "the CSV logger wrote no metrics"
 
 
-def test_command_line_trainer_settings_win_over_a_stages_own(compose_cfg, capsys: pytest.CaptureFixture) -> None:
+def test_command_line_trainer_settings_win_over_a_stages_own(compose_cfg, caplog: pytest.LogCaptureFixture) -> None:
     """`trainer.max_epochs=1` on the command line beats `lm.trainer.max_epochs` (experiment=smoke: 3); what a stage's
     code sets (the meta stage's max_steps from meta.steps) stays, with a note. A sweeper minimises the last stage's
     validation perplexity, never a test figure."""
@@ -116,12 +117,13 @@ def test_command_line_trainer_settings_win_over_a_stages_own(compose_cfg, capsys
     from dynlm_pl.runtime import make_trainer
 
     cfg = compose_cfg(["experiment=smoke", "trainer.max_epochs=1", "trainer.max_steps=2"])
+    caplog.set_level(logging.INFO)
     assert make_trainer(cfg, cfg.lm.trainer).max_epochs == 1
     assert make_trainer(cfg, None, stage="meta", max_steps=40).max_steps == 40
     bars = [c for c in make_trainer(cfg, bar="Fisher pass (batch_ms)").callbacks if hasattr(c, "test_description")]
     assert [b.test_description for b in bars] == ["Fisher pass (batch_ms)"]  # not Lightning's "Testing"
     note = "[meta] trainer.max_steps=2 does not apply here: this stage sets max_steps=40 itself"
-    assert note in capsys.readouterr().out
+    assert note in caplog.messages
     cfg = compose_cfg(["experiment=smoke"])
     assert make_trainer(cfg, cfg.lm.trainer).max_epochs == 3 and make_trainer(cfg, None, max_steps=40).max_steps == 40
     assert objective({"lm": {"val_ppl": 120.0}, "fisher": {}, "meta": {"val_ppl": 90.0}, "evaluate": {}}) == 90.0
@@ -134,12 +136,25 @@ def test_a_sweep_job_without_its_lm_is_told_to_start_from_the_run_above(tmp_path
     from dynlm_pl.artifacts import load_lm
     from dynlm_pl.errors import DynlmError
 
-    (tmp_path / "smoke" / "unroll=2").mkdir(parents=True)
+    (tmp_path / "smoke" / "unroll-2").mkdir(parents=True)
     with pytest.raises(DynlmError, match=r"run `python train\.py stage=lm`"):
-        load_lm(tmp_path / "smoke" / "unroll=2" / "lm.ckpt")
+        load_lm(tmp_path / "smoke" / "unroll-2" / "lm.ckpt")
     (tmp_path / "smoke" / "lm.ckpt").write_bytes(b"")
     with pytest.raises(DynlmError, match=r"add from_run=smoke to start from .*smoke/lm.ckpt$"):
-        load_lm(tmp_path / "smoke" / "unroll=2" / "lm.ckpt")
+        load_lm(tmp_path / "smoke" / "unroll-2" / "lm.ckpt")
+
+
+def test_sweep_job_directories_have_names_a_command_line_can_carry() -> None:
+    """A job's directory is named by its overrides with no `=`, comma, bracket or quote, so that one job is addressed
+    as `name=smoke/<job>` unquoted (Hydra's parser takes it as one plain string)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from dynlm_pl.resolvers import job_dirname
+
+    job = job_dirname(["unroll=10", "gate.hidden=[8,8]", "+meta.note='a b'", "from_run=smoke", "meta.optim.lr=1e-3"],
+                      exclude=["from_run"])
+    assert job == "gate.hidden-8-8_meta.note-ab_meta.optim.lr-1e-3_unroll-10"
+    assert OverridesParser.create().parse_override(f"name=smoke/{job}").value() == f"smoke/{job}"
 
 
 @pytest.mark.slow
@@ -163,9 +178,9 @@ def test_wandb_opens_one_run_per_stage_and_job(compose_cfg, tmp_path: Path, monk
     assert conf["seed"] == 1111 and conf["meta.optim.lr"] == cfg.meta.optim.lr and conf["data.bptt"] == 8
     assert "train/ppl" in runs[0]["keys"] and not any(k.startswith("train/") for k in runs[1]["keys"])
     assert {"fisher/tensors", "fisher/log10_F/encoder.weight"} <= runs[1]["keys"]  # the Fisher's statistics
-    monkeypatch.setattr(runtime, "sweep_job", lambda: ("2026-12-04_15-00-00", "unroll=2"))
+    monkeypatch.setattr(runtime, "sweep_job", lambda: ("2026-12-04_15-00-00", "unroll-2"))
     w = runtime.wandb_settings(cfg, "meta")
-    assert (w["group"], w["name"], w["job_type"]) == ("smoke-sweep-2026-12-04_15-00-00", "smoke-meta-unroll=2", "meta")
+    assert (w["group"], w["name"], w["job_type"]) == ("smoke-sweep-2026-12-04_15-00-00", "smoke-meta-unroll-2", "meta")
 
 
 @pytest.mark.slow
@@ -250,3 +265,17 @@ def test_gate_preset_updates(gate: str, compose_cfg) -> None:
     if g["param"] != "paper":
         krause = RMSRule(dyn, g["lr"], g["lamb"], g["eps"]).update(theta, grad, loss)
         assert torch.allclose(outs[0], krause, atol=1e-7, rtol=1e-5)
+
+
+def test_optuna_search_space_names_real_keys(compose_cfg) -> None:
+    """hparams_search=meta_optuna: Optuna is the sweeper, minimising what train.py returns, and every key it samples
+    exists in the composed config (a renamed key would otherwise fail only in the middle of a study)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose_cfg(["hparams_search=meta_optuna", "experiment=smoke", "stage=meta"])
+    sw = cfg.hydra.sweeper
+    assert sw._target_.endswith("OptunaSweeper") and sw.direction == "minimize" and cfg.hydra.mode.name == "MULTIRUN"
+    parser = OverridesParser.create()
+    for key, space in sw.params.items():
+        assert OmegaConf.select(cfg, key) is not None, key
+        assert parser.parse_override(f"{key}={space}").is_sweep_override(), space

@@ -228,7 +228,8 @@ def test_without_a_validation_split_the_baselines_come_from_tuned_json(
 def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Path],
                                            tmp_path: Path) -> None:
     """A trained meta-learner's gate plot is drawn, and `logger=wandb` under WANDB_MODE=offline writes a local
-    W&B run holding the per-article table and the plots (no account, no network)."""
+    W&B run holding the per-article table and the plots (no account, no network), and each method's running
+    perplexity along the split, sent from the worker processes as they score (eval.workers=2)."""
     import shutil
 
     from dynlm_pl.stages import meta as meta_stage
@@ -243,7 +244,9 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     for name in ("lm.ckpt", "fisher.pt", "tuned.json"):
         shutil.copy(src / name, out / name)
     meta_stage.run(cfg)
+    cfg.eval.workers = 2
     res = evaluation.run(cfg)
+    cfg.eval.workers = 1
     assert res["protocol"]["max_tokens"] == 300
     assert res["splits"]["test"]["meta"]["tokens"] == 299  # the prefix: 300 tokens, 299 predicted
     gates = out / "plots" / "gates-test.png"
@@ -262,6 +265,11 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     assert {"val/gate_f/encoder.weight", "val/gate_hist_z/encoder.weight"} <= recorded[0]["keys"]  # φ's gates
     assert recorded[1]["run"]["config"]["eval.max_tokens"] == 300
     assert {"test/meta/ppl", "test/methods_done"} <= recorded[1]["keys"]  # logged live, as each method finished
+    for m in ("static", "rms", "meta"):  # the running perplexity against the method's own token axis, to its end
+        along = [(h[f"test/{m}/tokens"], h[f"test/{m}/running_ppl"]) for h in recorded[1]["history"]
+                 if f"test/{m}/running_ppl" in h]
+        assert len(along) >= 5 and [n for n, _ in along] == sorted(n for n, _ in along), m
+        assert along[-1][0] == 299 and along[-1][1] == pytest.approx(res["splits"]["test"][m]["ppl"], rel=1e-6), m
     files = recorded[1]["artifacts"]["smoke-results"]
     assert {"results.json", "results.md", "tuned.json"} <= set(files) and "lm.ckpt" not in files  # log_model off
     cfg.logger.wandb.log_model = True  # a rerun (every method reused from eval/): the checkpoints go along

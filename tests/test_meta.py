@@ -181,7 +181,7 @@ def test_krause_init_matches_independent_krause(stream: tuple[Tensor, int], para
                        n_coords=dyn.spec.numel)
     final: dict[str, Tensor] = {}
     got = adaptive_eval(model, tokens, GateRule(meta, dyn), SEG, dyn,
-                        on_segment=lambda s, th: final.update(theta=th.detach().clone()))[0]
+                        on_segment=lambda s, th, _: final.update(theta=th.detach().clone()))[0]
     got_rms = adaptive_eval(model, tokens, RMSRule(dyn, lr, lamb, eps), SEG, dyn)[0]
 
     # Independent implementation, after Krause's dynamiceval.py (gradstat + evaluate), per tensor.
@@ -874,3 +874,21 @@ def test_rms_update_in_place_equals_the_whole_vector_update(lamb: str) -> None:
         grad = torch.randn(shape)
         want = rule.update(theta, grad, torch.tensor(0.0))
         torch.testing.assert_close(rule.update_(theta.clone(), grad, torch.tensor(0.0)), want, rtol=0, atol=0)
+
+
+def test_selection_slice_read_in_pieces_scores_as_one_pass(stream: tuple[Tensor, int]) -> None:
+    """The meta stage's validation reads the selection slice as pieces (a bar that moves): carrying θ and the hidden
+    state from piece to piece gives exactly the losses of one pass, whatever the piece count."""
+    from dynlm_pl.data import stream_pieces
+
+    tokens, vocab = stream[0][:248], stream[1]  # 247 targets: the last segment is shorter
+    lm = tiny_lm(vocab)
+    dyn = DynamicWeights.build(lm, fisher_art=fake_fisher(lm))
+    rule = build_rule("rms", {"lr": 3e-3, "lamb": 0.01, "eps": 2e-5}, dyn)
+    whole = adaptive_eval(lm, tokens, rule, 5, dyn)
+    for pieces in (1, 3, 7, 40):
+        parts = stream_pieces(tokens, 5, pieces)
+        assert all((p.numel() - 1) % 5 == 0 for p in parts[:-1]) and len(parts) <= pieces
+        carry: dict = {}
+        got = torch.cat([adaptive_eval(lm, p, rule, 5, dyn, carry=carry) for p in parts], dim=1)
+        assert torch.equal(got, whole), pieces

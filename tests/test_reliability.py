@@ -9,6 +9,7 @@ what the run directory already held is left byte for byte as it was.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -399,19 +400,19 @@ def test_wrong_token_counts(trained: Path, tmp_path: Path, capsys: pytest.Captur
     assert_kept(before, run)
 
 
-def test_textfile_of_unseen_words_maps_to_unk_and_warns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Decided behaviour: it runs (unseen words score as <unk>, whose probability the LM learned) and says, on
-    stdout, what share of the tokens were unknown when it is over half (the perplexity is then optimistic)."""
+def test_textfile_of_unseen_words_maps_to_unk_and_warns(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Decided behaviour: it runs (unseen words score as <unk>, whose probability the LM learned) and logs a
+    warning of what share of the tokens were unknown when it is over half (the perplexity is then optimistic)."""
     data = write_wikitext_like(tmp_path / "data")
     lm_stage.run(cfg_for(tmp_path, "stage=lm", *WIKI, f"data.root={data}", *LM_FAST))
     text = tmp_path / "notes.txt"
     text.write_text(" = Notes = \n\n" + " ".join(f"never{i}seen" for i in range(60)) + " \n")
-    capsys.readouterr()
+    caplog.set_level(logging.INFO)
     res = evaluation.run(check_config(cfg_for(tmp_path, "data=textfile", f"data.path={text}", *EVAL_FAST)))
-    out = capsys.readouterr().out
-    warning = next(line for line in out.splitlines() if "unknown to the LM" in line)
+    warning = next(r.message for r in caplog.records if "unknown to the LM" in r.message and r.levelname == "WARNING")
     with capsys.disabled():
-        print(f"\n  exit 0; stdout: {warning}")
+        print(f"\n  exit 0; log: {warning}")
     assert "warning" in warning and "<unk>" in warning
     ppl = res["splits"]["text"]["static"]["ppl"]
     assert ppl > 0 and ppl == ppl
@@ -526,16 +527,16 @@ def test_missing_artifact(stage: str, missing: str, trained: Path, tmp_path: Pat
     assert_kept(before, run)
 
 
-def test_missing_meta_ckpt_is_skipped_with_a_note(trained: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_missing_meta_ckpt_is_skipped_with_a_note(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     run = copy_run(trained, tmp_path)
     (run / "meta.ckpt").unlink()
-    capsys.readouterr()
+    caplog.set_level(logging.INFO)
     res = evaluation.run(check_config(cfg_for(tmp_path, "eval.methods=[static,meta]", "eval.splits=[valid]",
                                               "eval.smooth=20")))
-    note = next(line for line in capsys.readouterr().out.splitlines() if "skipped: no meta.ckpt" in line)
+    note = next(m for m in caplog.messages if "skipped: no meta.ckpt" in m)
     with capsys.disabled():
-        print(f"\n  exit 0; stdout: {note}")
+        print(f"\n  exit 0; log: {note}")
     assert "meta" in res["skipped"] and "static" in res["splits"]["valid"]
     # results.json names the artifacts it used by their sha256
     hashes = json.loads((run / "results.json").read_text())["checkpoints"]
@@ -560,8 +561,8 @@ def test_corrupt_artifact(artifact: str, stage: str, expect: str, damage: str, t
 
 
 def test_nan_meta_loss_skips_the_update_and_goes_on(trained: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     run = copy_run(trained, tmp_path)
     seen: dict[str, Any] = {}
 
@@ -581,11 +582,11 @@ def test_nan_meta_loss_skips_the_update_and_goes_on(trained: Path, tmp_path: Pat
             return out
 
     monkeypatch.setattr(meta_stage, "MetaTrainModule", NaNOnce)
-    capsys.readouterr()
+    caplog.set_level(logging.INFO)
     res = meta_stage.run(cfg_for(tmp_path, "stage=meta", *META_FAST))
-    note = next(line for line in capsys.readouterr().out.splitlines() if "non-finite" in line)
+    note = next(r.message for r in caplog.records if "non-finite" in r.message and r.levelname == "WARNING")
     with capsys.disabled():
-        print(f"\n  exit 0; stdout: {note}")
+        print(f"\n  exit 0; log: {note}")
     assert res["skipped"] == 1 and res["steps"] == 4  # one more batch was read to make up the skipped update
     assert seen["phi_kept"] and len(seen["losses"]) == 5
     assert all(v == v for i, v in enumerate(seen["losses"]) if i != 1)  # finite again after the skip

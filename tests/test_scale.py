@@ -233,7 +233,7 @@ def test_multirun_jobs_write_separate_run_dirs(base_root: Path) -> None:
         unroll, hidden = hp["unroll"], tuple(hp["gate"]["hidden"])
         seen.add((unroll, hidden))
         # The directory is named by the job's own overrides and holds that job's result.
-        assert f"unroll={unroll}" in job.name and f"gate.hidden=[{hidden[0]}]" in job.name, job.name
+        assert job.name == f"gate.hidden-{hidden[0]}_unroll-{unroll}", job.name  # no '=', comma or bracket
         assert os.path.samefile(job / "lm.ckpt", base_root / BASE / "lm.ckpt")
     assert seen == {(u, (h,)) for u in (2, 3) for h in (8, 16)}
 
@@ -391,7 +391,7 @@ def test_max_drift_keeps_theta_on_the_trust_region(synthetic_corpus_session, str
         drift: list[float] = []
         recorded: list[float] = []
 
-        def log(_s: int, th: torch.Tensor) -> None:
+        def log(_s: int, th: torch.Tensor, _losses: torch.Tensor) -> None:
             drift.append(float((th.detach().double() - dyn.theta0.double()).norm(dim=-1).max()))
 
         losses = adaptive_eval(model, tokens, SGDRule(2.0), 5, dyn, batch_size=streams, max_drift=max_drift,

@@ -77,8 +77,9 @@ def _score(model: Backbone, spec: DynamicSpec, theta: Tensor, x: Tensor, y: Tens
 
 def adaptive_eval(model: Backbone, tokens: Tensor, rule: Rule, segment: int = 5, dyn: DynamicWeights | None = None,
                   batch_size: int = 1, reset_at: Sequence[int] = (), progress: bool | str = False,
-                  on_segment: Callable[[int, Tensor], None] | None = None, shared: bool = False,
-                  max_drift: float | None = None, drift: list[float] | None = None) -> Tensor:
+                  on_segment: Callable[[int, Tensor, Tensor], None] | None = None, shared: bool = False,
+                  max_drift: float | None = None, drift: list[float] | None = None,
+                  carry: dict[str, Any] | None = None) -> Tensor:
     """Dynamic evaluation: per-token losses [B, n] of the targets 1..B·n in stream order (`stream_rows`).
 
     Score each segment with θ_{t-1} first, then update; hidden state carried across segments. B = 1 is
@@ -86,11 +87,15 @@ def adaptive_eval(model: Backbone, tokens: Tensor, rule: Rule, segment: int = 5,
     θ [B, P] (the same numbers as B separate batch-1 runs), or with `shared=True` one
     θ [P] for all of them, updated with the gradient of the streams' summed mean losses (the paper's batch
     mode). `reset_at`: token offsets (e.g. article starts, B=1) where θ goes back to θ_0 before the segment
-    containing them. `max_drift`: after each update, θ_t − θ_0 is scaled back onto the ball of radius
-    max_drift·‖θ_0‖ when it leaves it (per stream) -- a trust region that keeps a rule without decay (λ = 0,
-    FLUSH ≈ 0) bounded over streams far longer than its tuning slice; None: unbounded. `drift`: a list that gets
+    containing them. `on_segment(start, θ_t, the segment's losses [B, t])` after each update. `max_drift`: after
+    each update, θ_t − θ_0 is scaled back onto the ball of radius max_drift·‖θ_0‖ when it leaves it (per stream) --
+    a trust region that keeps a rule without decay (λ = 0, FLUSH ≈ 0) bounded over streams far longer than its
+    tuning slice; None: unbounded. `drift`: a list that gets
     ‖θ_t − θ_0‖ after every update (after the trust region; the largest over streams), from the same one pass
-    over θ that the trust region's check makes (`drift_norm`).
+    over θ that the trust region's check makes (`drift_norm`). `carry`: one stream read over several calls: θ and
+    the hidden state start from its "theta" and "hidden" when there and are left in it at the end; pieces that
+    overlap by one token, each a multiple of `segment` targets long (`data.stream_pieces`), then give the losses
+    of one call over the whole stream.
     """
     dyn = dyn or DynamicWeights.build(model)
     was_training = model.training
@@ -99,9 +104,12 @@ def adaptive_eval(model: Backbone, tokens: Tensor, rule: Rule, segment: int = 5,
     streams = stream_rows(tokens, batch_size).to(dev)
     n = streams.size(1)
     own = batch_size > 1 and not shared  # one θ per stream
-    theta = dyn.theta0.expand(batch_size, -1).clone() if own else dyn.theta0.clone()
+    carry = {} if carry is None else carry
+    theta = carry.get("theta")
+    if theta is None:
+        theta = dyn.theta0.expand(batch_size, -1).clone() if own else dyn.theta0.clone()
     theta.requires_grad_(True)
-    hidden = model.init_hidden(batch_size)
+    hidden = carry["hidden"] if carry.get("hidden") is not None else model.init_hidden(batch_size)
     grad_buf = torch.empty_like(theta, requires_grad=False)  # ∇L_t, rewritten in place by every segment's backward
     out = torch.empty(batch_size, n - 1, device=dev, dtype=torch.promote_types(dyn.theta0.dtype, torch.float32))
     resets = sorted(set(reset_at))
@@ -129,8 +137,9 @@ def adaptive_eval(model: Backbone, tokens: Tensor, rule: Rule, segment: int = 5,
                 if drift is not None:
                     drift.append(float(norm.max()))
         if on_segment is not None:
-            on_segment(start, theta)
+            on_segment(start, theta, out[:, start : start + t])
     model.train(was_training)
+    carry.update(theta=theta, hidden=hidden)
     return out
 
 
@@ -151,9 +160,10 @@ def static_eval(model: Backbone, tokens: Tensor, batch_size: int = 1, bptt: int 
 
 @torch.no_grad()
 def static_losses(model: Backbone, tokens: Tensor, bptt: int = 70, progress: bool | str = False,
-                  streams: int = 1) -> Tensor:
+                  streams: int = 1, on_window: Callable[[Tensor], None] | None = None) -> Tensor:
     """Per-token losses of the static LM over `tokens` read as `streams` rows (`stream_rows`), flat in
-    stream order: [N-1] for one stream, the same targets as `adaptive_eval` for B."""
+    stream order: [N-1] for one stream, the same targets as `adaptive_eval` for B. `on_window(losses [B, t])` after
+    each window."""
     model.eval()
     rows = stream_rows(tokens, streams)
     hidden, out = model.init_hidden(streams), []
@@ -162,15 +172,20 @@ def static_losses(model: Backbone, tokens: Tensor, bptt: int = 70, progress: boo
         o = model(x, hidden)
         hidden = model.detach_state(o.hidden)
         out.append(lm_loss(o.logits, y, reduction="none").view(streams, -1))
+        if on_window is not None:
+            on_window(out[-1])
     return torch.cat(out, dim=1).reshape(-1)
 
 
 def method_losses(lm: Backbone, tokens: Tensor, rule: Rule, segment: int, dyn: DynamicWeights, streams: int = 1,
                   shared: bool = False, max_drift: float | None = None,
-                  progress: bool | str = False) -> tuple[Tensor, list[float]]:
+                  progress: bool | str = False,
+                  on_segment: Callable[[Tensor], None] | None = None) -> tuple[Tensor, list[float]]:
     """What `evaluate` runs for one adaptive method: per-token losses [B·n] in stream order, and ‖θ_t − θ_0‖
-    after every update (the largest over streams when each keeps its own θ): adaptation must stay bounded."""
+    after every update (the largest over streams when each keeps its own θ): adaptation must stay bounded.
+    `on_segment(losses [B, t])` after each update."""
     drift: list[float] = []
+    hook = None if on_segment is None else lambda _start, _theta, losses: on_segment(losses)
     lt = adaptive_eval(lm, tokens, rule, segment, dyn, batch_size=streams, shared=shared, max_drift=max_drift,
-                       progress=progress, drift=drift).view(-1)
+                       progress=progress, drift=drift, on_segment=hook).view(-1)
     return lt, drift

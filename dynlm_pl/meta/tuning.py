@@ -15,6 +15,7 @@ search step) runs in forked processes of one thread each.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import multiprocessing
 import sys
@@ -30,6 +31,8 @@ from dynlm_pl.meta.rules import build_rule
 from dynlm_pl.meta.scoring import adaptive_eval
 from dynlm_pl.meta.weights import DynamicWeights
 from dynlm_pl.models import Backbone
+
+log = logging.getLogger(__name__)
 
 KRAUSE_SEGMENT = 5  # the segment length Krause's grids are stated for; they scale with segment / 5
 
@@ -154,9 +157,9 @@ def _tune(grid: Mapping[str, Any], segment: int, methods: list[str], has_ms: boo
     def finish(method: str, trials: Trials, hp: dict[str, float]) -> None:
         best[method] = {"hparams": hp, "tune_loss": trials([hp])[0], "trials": trials.records}
         trials.bar.close()
-        print(f"[tune] {method} on {n_tokens:,} selection tokens ({len(trials.records)} trials, "
-              f"{sum(t['seconds'] for t in trials.records):.0f} trial-seconds): {hp} "
-              f"(ppl {math.exp(min(best[method]['tune_loss'], 50.0)):.2f})", flush=True)
+        log.info(f"[tune] {method} on {n_tokens:,} selection tokens ({len(trials.records)} trials, "
+                 f"{sum(t['seconds'] for t in trials.records):.0f} trial-seconds): {hp} "
+                 f"(ppl {math.exp(min(best[method]['tune_loss'], 50.0)):.2f})")
         on_done(method, best[method])
 
     if "sgd" in methods:

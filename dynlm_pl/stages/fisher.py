@@ -7,6 +7,7 @@ artifact of `dynlm_pl.fisher` atomically, only once every pass has finished with
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from dynlm_pl.fisher import FisherArtifact, summarize
 from dynlm_pl.models import Backbone
 from dynlm_pl.runtime import make_datamodule, make_trainer, run_dir, wandb_run
 from dynlm_pl.systems.fisher import FisherModule
+
+log = logging.getLogger(__name__)
 
 
 def _table(fisher: dict[str, Tensor]) -> str:
@@ -117,7 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if wandb_run() is not None:
         _log_to_wandb(wandb_run(), fisher, ms)
     total = secs + (ms_secs if fc.estimator != "batch_ms" else 0.0)
-    print(f"[fisher] {fc.estimator} F over {n_tok:,} {fc.split} tokens in {secs:.1f}s"
-          + (f", batch_ms over {ms_tok:,} in {ms_secs:.1f}s" if fc.estimator != "batch_ms" else "")
-          + f"; wrote {out / 'fisher.pt'}\n{_table(fisher)}", flush=True)
+    log.info(f"[fisher] {fc.estimator} F over {n_tok:,} {fc.split} tokens in {secs:.1f}s"
+             + (f", batch_ms over {ms_tok:,} in {ms_secs:.1f}s" if fc.estimator != "batch_ms" else "")
+             + f"; wrote {out / 'fisher.pt'}\n{_table(fisher)}")
     return {"estimator": fc.estimator, "tokens": n_tok, "seconds": total, "path": str(out / "fisher.pt")}

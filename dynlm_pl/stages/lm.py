@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -17,6 +18,8 @@ from dynlm_pl.errors import require
 from dynlm_pl.resume import check_resumable
 from dynlm_pl.runtime import best_model_score, fit, make_datamodule, make_trainer, model_spec, primitives, run_dir
 from dynlm_pl.systems.lm import LMPretrainModule
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -50,8 +53,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     score = best_model_score(ckpt)  # ddp_spawn sends only the best path back to this process
     metrics = {"val_ppl": float(score) if score is not None else math.nan, "seconds": time.time() - t0,
                "tokens_seen": float(module.tokens_seen)}
-    print(f"[lm] best val ppl {metrics['val_ppl']:.2f} after {module.tokens_seen:,} training tokens "
-          f"({trainer.current_epoch} epochs); wrote {out / 'lm.ckpt'} in {metrics['seconds']:.0f}s")
+    log.info(f"[lm] best val ppl {metrics['val_ppl']:.2f} after {module.tokens_seen:,} training tokens "
+             f"({trainer.current_epoch} epochs); wrote {out / 'lm.ckpt'} in {metrics['seconds']:.0f}s")
     return metrics
 
 

@@ -9,6 +9,7 @@ there than where it started.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ from dynlm_pl.resume import check_resumable
 from dynlm_pl.runtime import best_model_score, fit, make_datamodule, make_trainer, run_dir, tuned_baselines
 from dynlm_pl.systems.meta import MetaTrainModule
 
+log = logging.getLogger(__name__)
+
 
 def gate_config(cfg: DictConfig, has_fisher: bool) -> dict[str, Any]:
     """cfg.gate as a dict; features needing fisher.pt are dropped (with a note) when it is absent."""
@@ -46,8 +49,8 @@ def gate_config(cfg: DictConfig, has_fisher: bool) -> dict[str, Any]:
     if not has_fisher:
         drop = [f for f in gate.get("features", []) if f in ("fisher", "rms")]
         if drop:
-            print(f"[meta] no fisher.pt in the run directory: meta-learner features {drop} disabled "
-                  "(run `python train.py stage=fisher` to use them)")
+            log.warning(f"[meta] no fisher.pt in the run directory: meta-learner features {drop} disabled "
+                        "(run `python train.py stage=fisher` to use them)")
             gate["features"] = [f for f in gate["features"] if f not in drop]
     return gate
 
@@ -64,8 +67,8 @@ def start_from_tuned(gate: dict[str, Any], tuned: dict[str, Any]) -> str:
         gate.update(**hp, rms_scale=True)
     else:
         gate.update(lr=group_values(hp, "lr"), lamb=group_values(hp, "lamb"), eps=hp["eps"], rms_scale=True)
-    print(f"[meta] gate param={gate['param']} starts from the tuned {best} rule {hp} (the best of "
-          f"{', '.join(m for m in ('sgd', 'rms', 'rms_pt') if m in tuned)} on the selection slice)")
+    log.info(f"[meta] gate param={gate['param']} starts from the tuned {best} rule {hp} (the best of "
+             f"{', '.join(m for m in ('sgd', 'rms', 'rms_pt') if m in tuned)} on the selection slice)")
     return best
 
 
@@ -104,8 +107,8 @@ def _inputs(cfg: DictConfig, out: Path) -> tuple[Backbone, WikiText2DataModule, 
     artifacts.check_same_data(prov, corpus.vocab_hash, f"the LM in {lm_path}")
     lm_sha = file_sha256(lm_path)
     if int(m.streams) > 1 and int(m.order) == 2 and getattr(lm, "kernel", None) == "fused":
-        print("[meta] meta.streams > 1 with meta.order=2: per-stream weights need the double-differentiable LSTM, "
-              "switching the LM to kernel=manual (same weights, same numbers)")
+        log.warning("[meta] meta.streams > 1 with meta.order=2: per-stream weights need the double-differentiable "
+                    "LSTM, switching the LM to kernel=manual (same weights, same numbers)")
         lm.kernel = "manual"
     return lm, dm, lm_sha, artifacts.load_fisher_optional(out, lm_sha)
 
@@ -126,9 +129,9 @@ def _module(cfg: DictConfig, out: Path, lm: Backbone, dm: WikiText2DataModule, l
     _refuse_incompatible_resume(cfg, out, dyn, prov)  # before tuning can rewrite tuned.json
     tuned = _start_gate(cfg, out, lm, lm_sha, art, gate, corpus.splits["valid"])
     group = group_size(m.get("checkpoint_group", 0), int(cfg.unroll))
-    print(f"[meta] {len(dyn.spec.names)} dynamic tensors, {dyn.spec.numel:,} coordinates; gate={gate['param']}, "
-          f"unroll={cfg.unroll}, segment={m.segment}, streams={m.streams}, order={m.order}, "
-          f"checkpointing={m.checkpointing} (group {group}), fisher.pt={'yes' if art is not None else 'no'}")
+    log.info(f"[meta] {len(dyn.spec.names)} dynamic tensors, {dyn.spec.numel:,} coordinates; gate={gate['param']}, "
+             f"unroll={cfg.unroll}, segment={m.segment}, streams={m.streams}, order={m.order}, "
+             f"checkpointing={m.checkpointing} (group {group}), fisher.pt={'yes' if art is not None else 'no'}")
     module = MetaTrainModule(
         lm, dyn, gate, segment=int(m.segment), unroll=int(cfg.unroll), order=int(m.order),
         checkpointing=bool(m.checkpointing), checkpoint_group=group, reset_every=int(m.reset_every),
@@ -156,7 +159,7 @@ def _start_gate(cfg: DictConfig, out: Path, lm: Backbone, lm_sha: str, art: Fish
         # (f ≈ 1, z ≈ 0); a step the user sets (gate.lr=...) is kept.
         tuned = tuned_baselines(cfg, out, lm, valid, DynamicWeights.build(lm, fisher_art=art), lm_sha, ["sgd"])
         gate["lr"] = float(tuned["sgd"]["hparams"]["lr"])
-        print(f"[meta] gate=paper starts at the tuned sgd step lr={gate['lr']:.4g} (set gate.lr to choose another)")
+        log.info(f"[meta] gate=paper starts at the tuned sgd step lr={gate['lr']:.4g} (set gate.lr to choose another)")
         return tuned
     return None
 
@@ -183,7 +186,7 @@ def _fit(cfg: DictConfig, module: MetaTrainModule, dm: WikiText2DataModule,
                            save_last=True, save_top_k=1, enable_version_counter=False)
     trainer = make_trainer(cfg, m.get("trainer"), callbacks=[ckpt], stage="meta", max_epochs=-1,
                            max_steps=int(m.steps), max_time=m.get("max_time"), val_check_interval=int(m.val_every),
-                           check_val_every_n_epoch=None, limit_val_batches=1)
+                           check_val_every_n_epoch=None, limit_val_batches=1.0)
     require(int(m.streams) % trainer.world_size == 0, f"meta.streams={m.streams} cannot be split evenly over "
             f"{trainer.world_size} processes; make it a multiple of trainer.devices × trainer.num_nodes")
     resume = ckdir / "last.ckpt"
@@ -208,8 +211,8 @@ def _export(out: Path, art_name: str, ckpt: ModelCheckpoint, init: float, init_c
         state.pop("resume_state", None)
         artifacts.atomic_torch_save(state, out / f"{art_name}.ckpt")
     else:
-        print(f"[meta] no validation beat φ at initialization (best ppl {_ppl(best_loss):.2f} vs "
-              f"{_ppl(init):.2f}): {art_name}.ckpt keeps the initial φ")
+        log.warning(f"[meta] no validation beat φ at initialization (best ppl {_ppl(best_loss):.2f} vs "
+                    f"{_ppl(init):.2f}): {art_name}.ckpt keeps the initial φ")
         best_loss = init
         artifacts.atomic_torch_save(init_ckpt, out / f"{art_name}.ckpt")
     last = ckpt.last_model_path or str(Path(best).parent / "last.ckpt")  # ddp_spawn sends back only the best
@@ -232,8 +235,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     base = baselines(lm, module.dyn, val, cfg, tuned)
     init = module.adaptive_loss(val, progress=bool(cfg.trainer.get("enable_progress_bar", True))
                                 and "meta@init (selection slice)")
-    print("[meta] validation slice (" + f"{val.numel()} tokens) ppl: "
-          + ", ".join(f"{k} {_ppl(v):.2f}" for k, v in base.items()) + f", meta@init {_ppl(init):.2f}")
+    log.info("[meta] validation slice (" + f"{val.numel()} tokens) ppl: "
+             + ", ".join(f"{k} {_ppl(v):.2f}" for k, v in base.items()) + f", meta@init {_ppl(init):.2f}")
     # logged at every validation as constant lines (val/<k>_ppl): φ against the tuned rules and its own start
     module.baseline_ppl = {**{k: _ppl(v) for k, v in base.items()}, "meta_init": _ppl(init)}
     # φ at initialization is a candidate too: with gate=krause_init it IS Krause's rule, which meta.ckpt
@@ -251,6 +254,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     res = {"val_ppl": _ppl(best_loss), "val_ppl_trained": _ppl(float(score)) if score is not None else math.nan,
            "val_ppl_init": _ppl(init), **{f"val_ppl_{k}": _ppl(v) for k, v in base.items()},
            "steps": trainer.global_step, "skipped": module.skipped, "seconds": time.time() - t0}
-    print(f"[meta] best val adaptive ppl {res['val_ppl']:.2f} (init {res['val_ppl_init']:.2f}, static "
-          f"{res['val_ppl_static']:.2f}); wrote {out / f'{art_name}.ckpt'} in {res['seconds']:.0f}s")
+    log.info(f"[meta] best val adaptive ppl {res['val_ppl']:.2f} (init {res['val_ppl_init']:.2f}, static "
+             f"{res['val_ppl_static']:.2f}); wrote {out / f'{art_name}.ckpt'} in {res['seconds']:.0f}s")
     return res

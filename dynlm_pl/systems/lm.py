@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MeanMetric
@@ -13,6 +15,8 @@ from torchmetrics import MeanMetric
 from dynlm_pl.errors import require
 from dynlm_pl.models import Backbone, build_model, lm_loss
 from dynlm_pl.resume import get_rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
 
 
 class LMPretrainModule(L.LightningModule):
@@ -131,7 +135,8 @@ class LMPretrainModule(L.LightningModule):
         if (hp.optimizer == "sgd" and hp.asgd and not self.averaging and len(self.val_history) > hp.nonmono
                 and loss.item() > min(self.val_history[: -hp.nonmono])):
             self.swa.update_parameters(self.model)
-            self.print(f"NT-ASGD: validation stalled for {hp.nonmono} checks, averaging iterates from now on")
+            rank_zero_only(log.info)(f"[lm] NT-ASGD: validation stalled for {hp.nonmono} checks, averaging iterates "
+                                     "from now on")
         self.val_history.append(loss.item())
 
     def on_test_epoch_start(self) -> None:

@@ -5,17 +5,19 @@ chunks of U segments of M tokens (`meta.segment`). Each chunk is one optimizer s
 runs the U inner steps of dynamic evaluation with the rule θ_t = f⊙θ_{t-1} + i⊙∇L_t + z⊙θ_0 and returns the mean
 token loss, which is backpropagated into φ; θ and the hidden state are then detached and reading continues online.
 θ goes back to θ_0 every `reset_every` unrolls and/or at article starts. Only φ trains: the LM is frozen.
-Validation is adaptive evaluation of the current φ on the selection slice (the DataModule's one validation batch).
+Validation is adaptive evaluation of the current φ on the selection slice (the DataModule's validation pieces).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
 from dynlm_pl.errors import require
@@ -26,6 +28,8 @@ from dynlm_pl.meta.unroll import FastFirstOrder, Unroller
 from dynlm_pl.meta.weights import DynamicWeights, freeze
 from dynlm_pl.models import Backbone
 from dynlm_pl.resume import get_rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
 
 
 class MetaTrainModule(L.LightningModule):
@@ -79,8 +83,8 @@ class MetaTrainModule(L.LightningModule):
         self.rule.dyn = self.dyn
         self.lm.eval()
         if self.device.type == "cuda" and self.lm.kernel == "fused":
-            self.print("meta: cuDNN's LSTM has no double backward and no backward in eval mode: the inner loop "
-                       "runs with cuDNN disabled (ATen LSTM kernel)")
+            rank_zero_only(log.info)("[meta] cuDNN's LSTM has no double backward and no backward in eval mode: "
+                                     "the inner loop runs with cuDNN disabled (ATen LSTM kernel)")
 
     def on_train_epoch_start(self) -> None:
         self._theta, self._hidden = None, None  # a new pass over the stream starts from θ_0
@@ -128,8 +132,8 @@ class MetaTrainModule(L.LightningModule):
         else:  # NaN/inf guard: drop this update, restart the weights from θ_0
             self.skipped += 1
             opt.zero_grad()
-            self.print(f"meta: non-finite meta-loss or gradient at step {self.global_step}, update skipped "
-                       f"({self.skipped} so far); θ reset to θ_0")
+            rank_zero_only(log.warning)(f"[meta] non-finite meta-loss or gradient at step {self.global_step}, "
+                                        f"update skipped ({self.skipped} so far); θ reset to θ_0")
             theta, fresh = self.initial_state(chunk.size(0))
             if not all(bool(torch.isfinite(h).all() and torch.isfinite(c).all()) for h, c in hidden):
                 hidden = fresh  # a non-finite hidden state would make every later step non-finite too
@@ -151,10 +155,23 @@ class MetaTrainModule(L.LightningModule):
         return loss.detach()
 
     # -- validation: adaptive evaluation of the current φ -----------------------------------------------
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+    # The selection slice comes as consecutive pieces (`data.stream_pieces`) read as one stream: θ, the hidden state
+    # and the losses carried from piece to piece, so the bar moves and the loss is that of one pass.
+    def on_validation_epoch_start(self) -> None:
         # φ's own rule records its per-tensor mean gates every 10 segments (the same updates); a swapped rule does not
         rec = RecordingGateRule(self.meta, self.dyn) if type(self.rule) is GateRule else None
-        loss = self.adaptive_loss(batch, rule=rec)  # the selection slice [N]
+        self._val: dict[str, Any] = {"carry": {}, "losses": [], "rule": rec}
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        v = self._val
+        with torch.no_grad():
+            v["losses"].append(adaptive_eval(self.lm, batch, v["rule"] or self.rule, self.hparams.segment, self.dyn,
+                                             max_drift=self.hparams.get("max_drift"), carry=v["carry"]))
+
+    def on_validation_epoch_end(self) -> None:
+        v, self._val = self._val, {}
+        loss = float(torch.cat(v["losses"], dim=1).mean())  # [1, N-1]: the targets of the whole slice
+        rec = v["rule"]
         if rec is not None and rec.history:
             self._log_gates(torch.stack(rec.history))
         self.log_dict({"val/adaptive_loss": loss, "val/adaptive_ppl": math.exp(min(loss, 50.0))}, prog_bar=True,
