@@ -42,6 +42,12 @@ def _evaluation(wr: Any, split: str) -> list[Any]:
     return [articles, stream, *bars, ppl]
 
 
+def _live(wr: Any, split: str) -> list[Any]:
+    """Each method's perplexity so far while evaluate.py reads the split, against its own token axis."""
+    return [wr.LinePlot(title=f"{split}: {m}, running ppl", x=f"{split}/{m}/tokens", y=[f"{split}/{m}/running_ppl"])
+            for m in ("static", *METHODS)]
+
+
 def _meta(wr: Any) -> list[Any]:
     return [wr.LinePlot(title="meta-loss", x="trainer/global_step", y=["train/meta_loss"]),
             wr.LinePlot(title="φ on the selection slice vs the tuned rules (ppl)", x="trainer/global_step",
@@ -67,8 +73,8 @@ def build(project: str, entity: str = "", name: str = "dynlm", split: str = "tes
         import wandb_workspaces.workspaces as ws
     except ImportError:
         raise DynlmError("the dashboard needs wandb-workspaces: pip install -e \".[dashboard]\"") from None
-    sections = [("evaluation", _evaluation(wr, split)), ("meta-training", _meta(wr)), ("pretraining", _lm(wr)),
-                ("sweeps", _sweeps(wr))]
+    sections = [("evaluation", _evaluation(wr, split)), ("evaluation, live", _live(wr, split)),
+                ("meta-training", _meta(wr)), ("pretraining", _lm(wr)), ("sweeps", _sweeps(wr))]
     return ws.Workspace(entity=entity, project=project, name=name,
                         sections=[ws.Section(name=n, panels=p, is_open=True) for n, p in sections])
 

@@ -283,7 +283,7 @@ def test_meta_gates_plot_and_wandb_offline(evaluated: tuple[DictConfig, dict, Pa
     # the dashboard as code reads what these runs logged: every key of its evaluation and meta-training panels
     panels = {s.name: s.panels for s in dashboard.build("dynlm", split="test").sections}
     ran, logged = set(res["splits"]["test"]), recorded[1]["keys"] | recorded[1]["summary"]
-    for key in [k for p in panels["evaluation"] for k in dashboard.panel_keys(p)]:
+    for key in [k for s in ("evaluation", "evaluation, live") for p in panels[s] for k in dashboard.panel_keys(p)]:
         parts = key.split("/")
         if len(parts) == 3 and (parts[1] not in ran or parts[2] == f"gain_vs_{parts[1]}"):
             continue  # a method this run did not evaluate (sgd, rms_pt, meta_noflush), or rms against itself
