@@ -218,23 +218,25 @@ def command_line_trainer(cfg: DictConfig) -> dict[str, Any]:
     return {k[len("trainer."):]: OmegaConf.select(cfg, k) for k in keys if k.startswith("trainer.")}
 
 
-def labelled_bar(label: str) -> Any:
-    """Lightning's own progress bar (Rich when installed, else tqdm) whose test loop is named `label` instead of
-    "Testing" (the Fisher passes run as test loops)."""
+def labelled_bar(labels: dict[str, str]) -> Any:
+    """Lightning's own progress bar (Rich when installed, else tqdm) whose loops are named by `labels` ({"test":
+    ..., "validation": ...}) instead of "Testing" / "Validation": the Fisher passes run as test loops, the meta
+    stage's validation is φ read over the selection slice."""
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
     from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
     base = RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar
-    return type("LabelledProgressBar", (base,), {"test_description": property(lambda self: label)})()
+    names = {f"{loop}_description": property(lambda self, s=label: s) for loop, label in labels.items()}
+    return type("LabelledProgressBar", (base,), names)()
 
 
 def make_trainer(cfg: DictConfig, overrides: DictConfig | dict | None = None, callbacks: list | None = None,
-                 stage: str | None = None, bar: str | None = None, **kwargs: Any) -> L.Trainer:
+                 stage: str | None = None, bar: dict[str, str] | None = None, **kwargs: Any) -> L.Trainer:
     """cfg.trainer, with a stage's trainer settings (e.g. `lm.trainer`) merged on top, the command line's
     `trainer.*` over those (`command_line_trainer`), and `kwargs` last: what the stage's code needs (the Fisher
     pass's full precision, the meta stage's steps from meta.steps); a command-line key they override gets a note.
 
-    `bar`: the name of the test loop's progress bar (the Fisher passes). `ckpt_every_n_steps` in those settings is
+    `bar`: names of the progress bar's loops (`labelled_bar`). `ckpt_every_n_steps` in those settings is
     ours, not Lightning's: when present it adds a ResumeCheckpoint
     writing `last.ckpt` after every validation and every that many steps (0: after validations only).
     """

@@ -120,8 +120,9 @@ def test_command_line_trainer_settings_win_over_a_stages_own(compose_cfg, caplog
     caplog.set_level(logging.INFO)
     assert make_trainer(cfg, cfg.lm.trainer).max_epochs == 1
     assert make_trainer(cfg, None, stage="meta", max_steps=40).max_steps == 40
-    bars = [c for c in make_trainer(cfg, bar="Fisher pass (batch_ms)").callbacks if hasattr(c, "test_description")]
-    assert [b.test_description for b in bars] == ["Fisher pass (batch_ms)"]  # not Lightning's "Testing"
+    labels = {"test": "Fisher pass (batch_ms)", "validation": "φ on the selection slice"}
+    bars = [c for c in make_trainer(cfg, bar=labels).callbacks if hasattr(c, "test_description")]
+    assert [(b.test_description, b.validation_description) for b in bars] == [tuple(labels.values())]
     note = "[meta] trainer.max_steps=2 does not apply here: this stage sets max_steps=40 itself"
     assert any(m.startswith(note) for m in caplog.messages), caplog.messages
     cfg = compose_cfg(["experiment=smoke"])

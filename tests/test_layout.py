@@ -4,6 +4,7 @@ at once, and no tracked file names a path of one particular machine."""
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import re
 import subprocess
@@ -20,10 +21,16 @@ def test_import_layers_hold() -> None:
 
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)  # grimp finds dynlm_pl from the repository root
+    # import-linter configures logging with disable_existing_loggers: the loggers already made (dynlm's own) would
+    # stay silent for the rest of the session
+    enabled = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+               and not lg.disabled]
     try:
         assert lint_imports(config_filename=str(REPO_ROOT / "pyproject.toml"), no_cache=True, no_logo=True) == 0
     finally:
         os.chdir(cwd)
+        for lg in enabled:
+            lg.disabled = False
 
 
 def test_functions_are_short() -> None:

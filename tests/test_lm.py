@@ -279,7 +279,7 @@ def test_a_sweep_writes_its_summary_best_first(tmp_path: Path) -> None:
     jobs = json.loads((sweep / "summary.json").read_text())
     assert sorted(j["job"] for j in jobs) == [0, 1] and all(j["status"] == "COMPLETED" for j in jobs)
     assert jobs[0]["objective"] <= jobs[1]["objective"] and all(math.isfinite(j["objective"]) for j in jobs)
-    assert {j["run_dir"].rsplit("/", 1)[-1].split(",")[0] for j in jobs} == {"data.bptt=8", "data.bptt=12"}
+    assert {j["run_dir"].rsplit("/", 1)[-1].split("_")[0] for j in jobs} == {"data.bptt-8", "data.bptt-12"}
     assert (sweep / "summary.md").read_text().startswith("| job | overrides | status | val ppl | run directory |")
     assert "[sweep] 2 jobs; best " in p.stdout
 

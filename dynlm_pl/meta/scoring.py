@@ -75,6 +75,17 @@ def _score(model: Backbone, spec: DynamicSpec, theta: Tensor, x: Tensor, y: Tens
     return token_losses(out.logits, y), out.hidden
 
 
+def _start(model: Backbone, dyn: DynamicWeights, batch_size: int, own: bool,
+           carry: dict[str, Any]) -> tuple[Tensor, Any]:
+    """θ (a leaf requiring grad: [B, P] with a θ per stream, else [P]) and the hidden state adaptive evaluation
+    starts from: θ_0 and zeros, or what `carry` holds from the previous piece of the stream."""
+    theta = carry.get("theta")
+    if theta is None:
+        theta = dyn.theta0.expand(batch_size, -1).clone() if own else dyn.theta0.clone()
+    hidden = carry["hidden"] if carry.get("hidden") is not None else model.init_hidden(batch_size)
+    return theta.requires_grad_(True), hidden
+
+
 def adaptive_eval(model: Backbone, tokens: Tensor, rule: Rule, segment: int = 5, dyn: DynamicWeights | None = None,
                   batch_size: int = 1, reset_at: Sequence[int] = (), progress: bool | str = False,
                   on_segment: Callable[[int, Tensor, Tensor], None] | None = None, shared: bool = False,
@@ -82,20 +93,17 @@ def adaptive_eval(model: Backbone, tokens: Tensor, rule: Rule, segment: int = 5,
                   carry: dict[str, Any] | None = None) -> Tensor:
     """Dynamic evaluation: per-token losses [B, n] of the targets 1..B·n in stream order (`stream_rows`).
 
-    Score each segment with θ_{t-1} first, then update; hidden state carried across segments. B = 1 is
-    Krause's protocol. B > 1 reads B contiguous pieces of the split in parallel; each stream keeps its own
-    θ [B, P] (the same numbers as B separate batch-1 runs), or with `shared=True` one
-    θ [P] for all of them, updated with the gradient of the streams' summed mean losses (the paper's batch
-    mode). `reset_at`: token offsets (e.g. article starts, B=1) where θ goes back to θ_0 before the segment
-    containing them. `on_segment(start, θ_t, the segment's losses [B, t])` after each update. `max_drift`: after
-    each update, θ_t − θ_0 is scaled back onto the ball of radius max_drift·‖θ_0‖ when it leaves it (per stream) --
-    a trust region that keeps a rule without decay (λ = 0, FLUSH ≈ 0) bounded over streams far longer than its
-    tuning slice; None: unbounded. `drift`: a list that gets
-    ‖θ_t − θ_0‖ after every update (after the trust region; the largest over streams), from the same one pass
-    over θ that the trust region's check makes (`drift_norm`). `carry`: one stream read over several calls: θ and
-    the hidden state start from its "theta" and "hidden" when there and are left in it at the end; pieces that
-    overlap by one token, each a multiple of `segment` targets long (`data.stream_pieces`), then give the losses
-    of one call over the whole stream.
+    Score each segment with θ_{t-1} first, then update; hidden state carried across segments. B = 1 is Krause's
+    protocol. B > 1 reads B contiguous pieces of the split in parallel; each stream keeps its own θ [B, P] (the
+    same numbers as B separate batch-1 runs), or with `shared=True` one θ [P] for all of them, updated with the
+    gradient of the streams' summed mean losses (the paper's batch mode). `reset_at`: token offsets (e.g. article
+    starts, B=1) where θ goes back to θ_0 before the segment containing them. `on_segment(start, θ_t, the
+    segment's losses [B, t])` after each update. `max_drift`: after each update, θ_t − θ_0 is scaled back onto the
+    ball of radius max_drift·‖θ_0‖ when it leaves it (per stream) -- a trust region that keeps a rule without decay
+    (λ = 0, FLUSH ≈ 0) bounded over streams far longer than its tuning slice; None: unbounded. `drift`: a list that
+    gets ‖θ_t − θ_0‖ after every update (after the trust region; the largest over streams), from the same one pass
+    over θ that the trust region's check makes (`drift_norm`). `carry`: a dict holding θ and the hidden state
+    between calls, so pieces of one stream (`data.stream_pieces`) give the losses of one call over all of it.
     """
     dyn = dyn or DynamicWeights.build(model)
     was_training = model.training
@@ -105,11 +113,7 @@ def adaptive_eval(model: Backbone, tokens: Tensor, rule: Rule, segment: int = 5,
     n = streams.size(1)
     own = batch_size > 1 and not shared  # one θ per stream
     carry = {} if carry is None else carry
-    theta = carry.get("theta")
-    if theta is None:
-        theta = dyn.theta0.expand(batch_size, -1).clone() if own else dyn.theta0.clone()
-    theta.requires_grad_(True)
-    hidden = carry["hidden"] if carry.get("hidden") is not None else model.init_hidden(batch_size)
+    theta, hidden = _start(model, dyn, batch_size, own, carry)
     grad_buf = torch.empty_like(theta, requires_grad=False)  # ∇L_t, rewritten in place by every segment's backward
     out = torch.empty(batch_size, n - 1, device=dev, dtype=torch.promote_types(dyn.theta0.dtype, torch.float32))
     resets = sorted(set(reset_at))

@@ -47,7 +47,8 @@ def _one_pass(cfg: DictConfig, out: Path, dm: WikiText2DataModule, model: Backbo
     # Gradients inside the test loop: inference mode would forbid them whatever the config says. Full
     # precision whatever trainer.precision says: F sums squared per-example gradients (bf16 would round
     # them, fp16 underflow them), and the written-out forward mixes dtypes under autocast.
-    trainer = make_trainer(cfg, stage="fisher", bar=f"Fisher pass ({est})", inference_mode=False, precision="32-true")
+    trainer = make_trainer(cfg, stage="fisher", bar={"test": f"Fisher pass ({est})"}, inference_mode=False,
+                           precision="32-true")
     t0 = time.time()
     trainer.test(FisherModule(model, est, partial), datamodule=dm, verbose=False)
     if trainer.interrupted:

@@ -184,7 +184,9 @@ def _fit(cfg: DictConfig, module: MetaTrainModule, dm: WikiText2DataModule,
     m = cfg.meta
     ckpt = ModelCheckpoint(dirpath=ckdir, filename="meta-best", monitor="val/adaptive_loss", mode="min",
                            save_last=True, save_top_k=1, enable_version_counter=False)
+    n_sel = int(m.val_tokens or cfg.eval.tune.tokens)
     trainer = make_trainer(cfg, m.get("trainer"), callbacks=[ckpt], stage="meta", max_epochs=-1,
+                           bar={"validation": f"φ on the selection slice ({n_sel:,} tokens)"},
                            max_steps=int(m.steps), max_time=m.get("max_time"), val_check_interval=int(m.val_every),
                            check_val_every_n_epoch=None, limit_val_batches=1.0)
     require(int(m.streams) % trainer.world_size == 0, f"meta.streams={m.streams} cannot be split evenly over "
